@@ -1,0 +1,377 @@
+# GENERATED from ctfm_common/encoder.py by tools/sync_bundles.py: edit the source, not this copy.
+# Copyright (c) CT-FM bundles contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""The shared encoder contract: build MONAI's ``SegResEncoder`` and load its weights.
+
+Weights are a state dict whose keys are exactly ``SegResEncoder().state_dict()`` keys,
+read from
+
+- a ``.safetensors`` file (preferred),
+- a ``torch.save`` file, always read with ``weights_only=True``,
+- a Hugging Face ``PyTorchModelHubMixin`` folder (``config.json`` + ``model.safetensors``),
+  the format of the public CT-FM release, or
+- a hub repo id such as ``project-lighter/ct_fm_feature_extractor`` (downloaded with
+  ``huggingface_hub`` when the hub is reachable).
+
+They load into a bare ``SegResEncoder`` or into the ``encoder.`` part of any network that
+holds one (``SegResNetDS``, :class:`PooledEncoderHead`), with strict key and shape checks
+and a report of what was loaded. MONAI's ``CheckpointLoader(strict_shape=False)`` is not
+used: in MONAI 1.6.1 it silently loads nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from monai.networks.nets.segresnet_ds import SegResEncoder
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# The contract (DESIGN.md): every bundle builds its encoder with exactly these arguments;
+# only ``init_filters`` may be lowered for tests.
+ENCODER_ARGS: dict = {"spatial_dims": 3, "in_channels": 1, "init_filters": 32, "blocks_down": (1, 2, 2, 4, 4)}
+EMBEDDING_DIM_PER_FILTER = 16  # last level has init_filters * 2**4 channels: 512 for 32 filters
+
+# Public releases whose weights hold the shared encoder.
+PUBLIC_WEIGHTS = {
+    "project-lighter/ct_fm_feature_extractor": "SegResEncoder (the CT-FM foundation model)",
+    "project-lighter/whole_body_segmentation": "SegResNetDS(out_channels=118, dsdepth=4), encoder under 'encoder.'",
+    "project-lighter/ct_fm_segresnet": "SegResNetDS built on the CT-FM encoder",
+}
+
+# Prefixes under which an encoder's keys are found in checkpoints of this project and of
+# the public CT-FM releases; tried in this order.
+KNOWN_PREFIXES = ("", "encoder.", "module.encoder.", "model.encoder.", "backbone.", "model.backbone.", "module.")
+
+WEIGHT_FILE_NAMES = ("model.safetensors", "encoder.safetensors", "pytorch_model.bin", "model.pt", "encoder.pt")
+
+
+class EncoderWeightsError(ValueError):
+    """Raised when encoder weights cannot be read or do not match the network."""
+
+
+def build_encoder(init_filters: int = 32, in_channels: int = 1) -> SegResEncoder:
+    """Build the shared encoder with the contract's fixed arguments.
+
+    Args:
+        init_filters: width of the first level (32 is the contract; tests may use 8).
+        in_channels: input channels (1 for CT; more for multi-window input).
+
+    Returns:
+        A ``SegResEncoder`` with batch norm and ReLU (MONAI's defaults).
+    """
+    args = dict(ENCODER_ARGS, init_filters=init_filters, in_channels=in_channels)
+    return SegResEncoder(**args)
+
+
+def embedding_dim(init_filters: int = 32) -> int:
+    """Channels of the encoder's last feature level (the embedding size): 512 for 32 filters."""
+    return init_filters * EMBEDDING_DIM_PER_FILTER
+
+
+class PooledEncoderHead(nn.Module):
+    """Shared encoder -> global average pool of the last level -> optional MLP head.
+
+    With ``out_features=None`` it returns the embedding (512-d for the contract). With a
+    head it is the CT-FM projection head (512 -> 256 -> ReLU -> 128, no batch norm) for
+    pretraining, or the classification head for triage. Encoder keys sit under
+    ``encoder.`` as in ``SegResNetDS``.
+
+    Args:
+        init_filters: encoder width.
+        in_channels: input channels.
+        hidden_features: width of the head's hidden layer.
+        out_features: head outputs; ``None`` for no head.
+    """
+
+    def __init__(
+        self,
+        init_filters: int = 32,
+        in_channels: int = 1,
+        hidden_features: int = 256,
+        out_features: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.encoder = build_encoder(init_filters=init_filters, in_channels=in_channels)
+        self.pool = nn.AdaptiveAvgPool3d(1)
+        dim = embedding_dim(init_filters)
+        self.head: nn.Module = nn.Identity()
+        if out_features is not None:
+            self.head = nn.Sequential(
+                nn.Linear(dim, hidden_features), nn.ReLU(inplace=True), nn.Linear(hidden_features, out_features)
+            )
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Embedding of a batch of volumes: (B, C, D, H, W) -> (B, 512)."""
+        return self.pool(self.encoder(x)[-1]).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x))
+
+
+@dataclass
+class LoadReport:
+    """What a weight load did; ``str(report)`` is a readable summary."""
+
+    source: str
+    target_prefix: str
+    source_prefix: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.mismatched)
+
+    def __str__(self) -> str:
+        def head(keys: list[str]) -> str:
+            return ", ".join(keys[:5]) + (f" ... (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+
+        lines = [
+            f"encoder weights from {self.source}: {len(self.loaded)} tensors loaded into "
+            f"'{self.target_prefix or '<network>'}' (source prefix '{self.source_prefix}')"
+        ]
+        if self.missing:
+            lines.append(f"  missing in the file ({len(self.missing)}): {head(self.missing)}")
+        if self.mismatched:
+            lines.append(f"  shape mismatch ({len(self.mismatched)}): {head(self.mismatched)}")
+        if self.unexpected:
+            lines.append(f"  not part of the encoder, ignored ({len(self.unexpected)}): {head(self.unexpected)}")
+        return "\n".join(lines)
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise EncoderWeightsError(f"{path}: not a readable .safetensors file (truncated or corrupt?): {e}") from e
+
+
+def _read_torch(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for bad pickles / zip archives
+        raise EncoderWeightsError(
+            f"{path}: not a readable torch state-dict file (truncated, corrupt, or it holds objects that "
+            f"weights_only=True refuses): {e}"
+        ) from e
+    # unwrap the usual checkpoint containers ({"state_dict": ...}, Ignite's {"network": ...})
+    while isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        nested = [v for k, v in obj.items() if isinstance(v, Mapping) and k in ("state_dict", "model", "network", "encoder")]
+        if len(nested) != 1:
+            break
+        obj = nested[0]
+    if not isinstance(obj, Mapping) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise EncoderWeightsError(f"{path}: holds no state dict of tensors (found {type(obj).__name__}).")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def _read_hub_folder(path: Path) -> dict[str, torch.Tensor]:
+    for name in WEIGHT_FILE_NAMES:
+        if (path / name).is_file():
+            config = path / "config.json"
+            if config.is_file():
+                try:
+                    logger.info(f"{path}: hub config {json.loads(config.read_text())}")
+                except json.JSONDecodeError as e:
+                    raise EncoderWeightsError(f"{config}: invalid JSON: {e}") from e
+            return read_state_dict(path / name)
+    raise EncoderWeightsError(f"{path}: folder holds none of the weight files {', '.join(WEIGHT_FILE_NAMES)}.")
+
+
+def looks_like_repo_id(source: str) -> bool:
+    """True for ``owner/name`` strings that are not existing paths."""
+    parts = source.split("/")
+    return len(parts) == 2 and all(parts) and not source.startswith((".", "~")) and not os.path.exists(source)
+
+
+def download_from_hub(repo_id: str, *, revision: str | None = None, cache_dir: str | None = None) -> Path:
+    """Download a hub repo's weights (``*.safetensors`` + ``config.json``) and return its local folder.
+
+    Uses the local huggingface_hub cache first, so a repo downloaded once (or placed there by
+    ``huggingface_hub``) keeps working offline.
+
+    Raises:
+        EncoderWeightsError: when the repo can be neither found in the cache nor downloaded,
+            with instructions to pass a local file instead.
+    """
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.safetensors", "config.json"]
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=patterns))
+    except Exception as online_error:  # offline, unknown repo, proxy...: try the cache before giving up
+        try:
+            return Path(
+                snapshot_download(
+                    repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=patterns, local_files_only=True
+                )
+            )
+        except Exception:
+            raise EncoderWeightsError(
+                f"cannot download '{repo_id}' from the Hugging Face hub ({type(online_error).__name__}: "
+                f"{online_error}). On a machine without internet access, download it elsewhere with "
+                f"`huggingface-cli download {repo_id} --local-dir ct_fm` (or from the model page) and pass the "
+                f"local folder or its model.safetensors instead, e.g. `--encoder_ckpt ct_fm/model.safetensors`."
+            ) from online_error
+
+
+def read_state_dict(source: str | os.PathLike, *, cache_dir: str | None = None) -> dict[str, torch.Tensor]:
+    """Read a state dict from a weights file, a hub-format folder or a hub repo id.
+
+    Args:
+        source: ``.safetensors`` file, torch file (``.pt``/``.pth``/``.bin``/``.ckpt``), a folder with
+            ``model.safetensors`` (+ ``config.json``), or a hub repo id ``owner/name``.
+        cache_dir: huggingface_hub cache folder for repo ids (default: the hub's own).
+
+    Returns:
+        The tensors by key, on the CPU.
+
+    Raises:
+        FileNotFoundError: a path that does not exist and is no repo id.
+        EncoderWeightsError: a file that is truncated, corrupt or holds no tensors.
+    """
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return _read_hub_folder(path)
+    if path.is_file():
+        if path.stat().st_size == 0:
+            raise EncoderWeightsError(f"{path}: the weights file is empty (0 bytes); was a download interrupted?")
+        if path.suffix == ".safetensors":
+            return _read_safetensors(path)
+        return _read_torch(path)
+    if looks_like_repo_id(text):
+        return _read_hub_folder(download_from_hub(text, cache_dir=cache_dir))
+    raise FileNotFoundError(
+        f"encoder weights not found: '{text}' is neither an existing file or folder nor a hub repo id "
+        f"(owner/name, e.g. project-lighter/ct_fm_feature_extractor)."
+    )
+
+
+def encoder_of(network: nn.Module) -> tuple[nn.Module, str]:
+    """Return the ``SegResEncoder`` inside ``network`` and its key prefix (``""`` or ``"encoder."``)."""
+    module = network.module if isinstance(network, nn.parallel.DistributedDataParallel) else network
+    if isinstance(module, SegResEncoder):
+        return module, ""
+    encoder = getattr(module, "encoder", None)
+    if isinstance(encoder, SegResEncoder):
+        return encoder, "encoder."
+    raise TypeError(
+        f"{type(module).__name__} holds no SegResEncoder (expected a SegResEncoder or a network with an "
+        f"'encoder' attribute, such as SegResNetDS)."
+    )
+
+
+def find_source_prefix(state: Mapping[str, torch.Tensor], expected: list[str]) -> str:
+    """Find the prefix under which the encoder keys ``expected`` sit in ``state``.
+
+    Tries :data:`KNOWN_PREFIXES`, then any prefix inferred from the first expected key;
+    returns the one that covers the most expected keys.
+    """
+    candidates = list(KNOWN_PREFIXES)
+    anchor = expected[0]
+    candidates += [k[: -len(anchor)] for k in state if k.endswith(anchor)]
+    return max(dict.fromkeys(candidates), key=lambda p: sum(p + k in state for k in expected))
+
+
+def load_encoder_weights(
+    network: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor], *, strict: bool = True
+) -> LoadReport:
+    """Load shared-encoder weights into ``network`` (a ``SegResEncoder`` or a network holding one).
+
+    Every encoder key must be present with the right shape (``strict``); keys of the file that
+    are not part of the encoder (a segmentation decoder, a projection head) are reported and
+    ignored. The network is left untouched when the check fails.
+
+    Args:
+        network: ``SegResEncoder``, ``SegResNetDS``, :class:`PooledEncoderHead`, or any module whose
+            ``encoder`` attribute is a ``SegResEncoder`` (DDP-wrapped modules too).
+        source: path, hub folder, repo id (see :func:`read_state_dict`) or an in-memory state dict.
+        strict: raise on missing or mismatched keys (default). With ``False`` the matching
+            tensors load and the report lists the rest.
+
+    Returns:
+        The :class:`LoadReport` (also logged).
+
+    Raises:
+        EncoderWeightsError: missing or mismatched keys (strict), or an unreadable file.
+    """
+    encoder, target_prefix = encoder_of(network)
+    name = "<state dict>" if isinstance(source, Mapping) else os.fspath(source)
+    state = dict(source) if isinstance(source, Mapping) else read_state_dict(source)
+    own = encoder.state_dict()
+    expected = list(own)
+    prefix = find_source_prefix(state, expected)
+    report = LoadReport(source=name, target_prefix=target_prefix, source_prefix=prefix)
+    matched: dict[str, torch.Tensor] = {}
+    for key in expected:
+        value = state.get(prefix + key)
+        if value is None:
+            report.missing.append(key)
+        elif tuple(value.shape) != tuple(own[key].shape):
+            report.mismatched.append(f"{key} file {tuple(value.shape)} vs network {tuple(own[key].shape)}")
+        else:
+            matched[key] = value
+    used = {prefix + k for k in expected}
+    report.unexpected = [k for k in state if k not in used]
+    report.loaded = list(matched)
+    if not matched:
+        raise EncoderWeightsError(
+            f"{name}: no encoder weights found ({len(state)} tensors, none matching the shared SegResEncoder "
+            f"keys such as '{expected[0]}'). Is this a CT-FM encoder checkpoint?\n{report}"
+        )
+    if strict and not report.ok:
+        raise EncoderWeightsError(f"{name}: does not match the shared encoder (init_filters, in_channels?)\n{report}")
+    own.update(matched)
+    encoder.load_state_dict(own, strict=True)
+    logger.info(str(report))
+    return report
+
+
+def save_encoder_weights(network: nn.Module, path: str | os.PathLike, *, metadata: dict | None = None) -> Path:
+    """Write the encoder part of ``network`` as a ``.safetensors`` file, atomically.
+
+    The keys are bare ``SegResEncoder`` keys, the contract's exchange format.
+
+    Args:
+        network: a ``SegResEncoder`` or a network holding one.
+        path: output file (``.safetensors``).
+        metadata: string key/values stored in the file header (e.g. ``{"init_filters": "32"}``).
+
+    Returns:
+        The path written.
+    """
+    from safetensors.torch import save_file
+
+    encoder, _ = encoder_of(network)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    try:
+        save_file(tensors, str(tmp), metadata={str(k): str(v) for k, v in (metadata or {}).items()})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

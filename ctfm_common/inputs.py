@@ -1,0 +1,96 @@
+# Copyright (c) CT-FM bundles contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""The common ``input`` id: one CT file, a DICOM series folder, a glob, or a datalist JSON."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from pathlib import Path
+
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+DATALIST_SECTIONS = ("testing", "validation", "training")
+
+
+def case_name(path: str | os.PathLike) -> str:
+    """Name outputs after their input: ``ct.nii.gz`` -> ``ct``; a DICOM folder -> its folder name."""
+    name = Path(path).name
+    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _is_dicom_folder(folder: Path) -> bool:
+    for child in folder.iterdir():
+        if child.is_file():
+            with open(child, "rb") as f:
+                head = f.read(132)
+            if head[128:132] == b"DICM" or child.suffix.lower() == ".dcm":
+                return True
+    return False
+
+
+def _datalist_items(path: Path, dataset_dir: str | None, key: str) -> list[dict]:
+    try:
+        content = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not a valid datalist JSON ({e}).") from e
+    base = Path(dataset_dir) if dataset_dir else path.parent
+    for section in DATALIST_SECTIONS:
+        items = content.get(section) if isinstance(content, dict) else None
+        if items:
+            break
+    else:
+        raise ValueError(f"{path}: datalist has no non-empty '{', '.join(DATALIST_SECTIONS)}' list.")
+    resolved = []
+    for i, item in enumerate(items):
+        item = {key: item} if isinstance(item, str) else dict(item)
+        if key not in item:
+            raise ValueError(f"{path}: item {i} of '{section}' has no '{key}' entry: {item}")
+        item[key] = str(base / item[key]) if not os.path.isabs(item[key]) else item[key]
+        resolved.append(item)
+    return resolved
+
+
+def resolve_input(input: str | os.PathLike, *, dataset_dir: str | None = None, key: str = "image") -> list[dict]:
+    """Turn the ``input`` id into MONAI data dicts ``[{key: path}, ...]``.
+
+    Args:
+        input: a CT file (NIfTI/NRRD/MHA), a DICOM series folder, a glob pattern, or a decathlon
+            datalist JSON (its ``testing`` list, else ``validation``, else ``training``).
+        dataset_dir: base folder of relative datalist paths (default: the datalist's folder).
+        key: the dict key of the image path.
+
+    Returns:
+        One dict per scan, in a stable order. Datalist items keep their other entries.
+
+    Raises:
+        FileNotFoundError: nothing matches ``input``, naming what was looked for.
+        ValueError: a folder without DICOM files, or a malformed datalist.
+    """
+    text = os.fspath(input)
+    path = Path(text).expanduser()
+    if path.is_file() and path.suffix.lower() == ".json":
+        return _datalist_items(path, dataset_dir, key)
+    if path.is_dir():
+        if not _is_dicom_folder(path):
+            raise ValueError(f"{path}: folder holds no DICOM files; pass an image file, a DICOM series folder or a glob.")
+        return [{key: str(path)}]
+    if path.is_file():
+        return [{key: str(path)}]
+    if glob.has_magic(text):
+        matches = sorted(glob.glob(os.path.expanduser(text)))
+        if not matches:
+            raise FileNotFoundError(f"input pattern '{text}' matches no file.")
+        return [{key: m} for m in matches]
+    raise FileNotFoundError(f"input '{text}' does not exist (expected a CT file, a DICOM folder, a glob or a datalist).")

@@ -1,0 +1,89 @@
+# Copyright (c) CT-FM bundles contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Shared test helpers: repo paths, the real CT data in ../shared/data, and running bundles.
+
+Bundle workflows run in subprocesses through ``python -m monai.bundle run``, exactly as a
+user runs them, so two bundles' ``scripts`` packages never meet in one interpreter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUNDLES_DIR = REPO_ROOT / "bundles"
+SHARED_DIR = REPO_ROOT.parent / "shared"
+SHARED_DATA = SHARED_DIR / "data"
+META_SCHEMA = SHARED_DIR / "schemas" / "meta_schema.json"
+BUNDLE_NAMES = sorted(p.parents[1].name for p in BUNDLES_DIR.glob("*/configs/metadata.json"))
+
+for _path in (REPO_ROOT, REPO_ROOT / "tools"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+
+def _cli_value(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def run_bundle(
+    bundle: str,
+    configs: str | list[str],
+    run_id: str = "run",
+    *,
+    cwd: str | os.PathLike | None = None,
+    timeout: float = 900,
+    check: bool = True,
+    **overrides,
+) -> subprocess.CompletedProcess:
+    """Run ``python -m monai.bundle run <run_id> --config_file ...`` for a bundle, as a user would.
+
+    Args:
+        bundle: bundle folder name under ``bundles/``.
+        configs: config file name(s) under the bundle's ``configs/`` (merged in order).
+        run_id: the runnable id.
+        cwd: working directory (default: a neutral one, the repo root, to prove configs do not
+            depend on it).
+        timeout: seconds before the run is killed.
+        check: raise with the run's output when it exits non-zero.
+        overrides: ``--id value`` overrides.
+
+    Returns:
+        The completed process, with ``stdout``/``stderr`` text.
+    """
+    config_dir = BUNDLES_DIR / bundle / "configs"
+    files = [str(config_dir / c) for c in ([configs] if isinstance(configs, str) else configs)]
+    config_arg = files[0] if len(files) == 1 else json.dumps(files)
+    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_arg]
+    for key, value in overrides.items():
+        cmd += [f"--{key}", _cli_value(value)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    proc = subprocess.run(cmd, cwd=cwd or REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"bundle run failed ({proc.returncode}): {' '.join(cmd)}\n--- stdout ---\n{proc.stdout[-6000:]}"
+            f"\n--- stderr ---\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data (real CTs with labels); tests that need it skip with the reason when absent."""
+    if not (SHARED_DATA / "totalseg_example" / "ct_small.nii.gz").is_file():
+        pytest.skip(f"real CT test data not found at {SHARED_DATA} (it ships beside the repo as ../shared/data)")
+    return SHARED_DATA

@@ -1,0 +1,300 @@
+# Copyright (c) CT-FM bundles contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""The bundle collection as a whole: layout, metadata, configs, the shared encoder contract."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import BUNDLE_NAMES, BUNDLES_DIR, META_SCHEMA, REPO_ROOT
+from monai.bundle import ConfigParser
+from monai.networks.nets.segresnet_ds import SegResEncoder, SegResNetDS
+
+from ctfm_common import encoder as enc
+
+EXPECTED_BUNDLES = ["ctfm_pretrain", "ctfm_retrieval", "ctfm_triage", "ctfm_wholebody_seg"]
+OVERRIDE_CONFIGS = {"evaluate.json", "multi_gpu_train.json"}  # merged after train.json
+
+
+def config_files(bundle: str) -> list[Path]:
+    return sorted(p for p in (BUNDLES_DIR / bundle / "configs").glob("*.json") if p.name != "metadata.json")
+
+
+def config_sets(bundle: str) -> list[list[Path]]:
+    """Config file lists as users run them: stand-alone files, and overrides after train.json."""
+    files = config_files(bundle)
+    train = BUNDLES_DIR / bundle / "configs" / "train.json"
+    return [[train, f] if f.name in OVERRIDE_CONFIGS else [f] for f in files]
+
+
+def bundle_parser(bundle: str, files: list[Path], **overrides) -> ConfigParser:
+    """Parse a bundle's configs in this process with its own ``scripts`` package importable."""
+    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+        del sys.modules[name]
+    root = str(BUNDLES_DIR / bundle)
+    sys.path.insert(0, root)
+    parser = ConfigParser()
+    parser.read_config([str(f) for f in files])
+    parser.update(overrides)
+    parser.parse()
+    return parser
+
+
+@pytest.fixture
+def bundle_path_cleanup():
+    saved = list(sys.path)
+    yield
+    sys.path[:] = saved
+    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+        del sys.modules[name]
+
+
+def test_layout_is_complete():
+    assert BUNDLE_NAMES == EXPECTED_BUNDLES
+    for top in ("README.md", "requirements.txt", ".ci/run", "tools", "tests", "ctfm_common"):
+        assert (REPO_ROOT / top).exists(), top
+    for bundle in BUNDLE_NAMES:
+        root = BUNDLES_DIR / bundle
+        for rel in ("configs/metadata.json", "configs/logging.conf", "docs/README.md", "LICENSE", "large_files.yml"):
+            assert (root / rel).is_file(), f"{bundle}/{rel} missing"
+        assert "Apache License" in (root / "LICENSE").read_text()
+        assert isinstance(yaml.safe_load((root / "large_files.yml").read_text()), dict)
+
+
+@pytest.mark.parametrize("bundle", EXPECTED_BUNDLES)
+def test_metadata_verifies_against_schema(bundle):
+    proc = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", "configs/metadata.json",
+         "--filepath", str(META_SCHEMA)],
+        cwd=BUNDLES_DIR / bundle, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "metadata is verified with no error" in proc.stdout + proc.stderr
+    meta = json.loads((BUNDLES_DIR / bundle / "configs" / "metadata.json").read_text())
+    assert meta["version"] in meta["changelog"], "the current version needs a changelog entry"
+    assert "SPL" in json.dumps(meta["network_data_format"]) and "[-1024, 2048]" in json.dumps(meta["network_data_format"])
+
+
+@pytest.mark.parametrize("bundle", EXPECTED_BUNDLES)
+def test_logging_conf_passes_monai_allowlist(bundle):
+    from monai.bundle.workflows import _reject_executable_logging_config
+
+    assert "[handlers]" in _reject_executable_logging_config(str(BUNDLES_DIR / bundle / "configs" / "logging.conf"))
+
+
+@pytest.mark.parametrize("bundle", EXPECTED_BUNDLES)
+def test_configs_parse_and_network_builds(bundle, bundle_path_cleanup):
+    sets = config_sets(bundle)
+    assert sets, f"{bundle} has no workflow config"
+    built = 0
+    for files in sets:
+        raw = ConfigParser.load_config_files([str(f) for f in files])
+        if len(files) == 2:  # an override file may only change ids the base config has
+            base = ConfigParser.load_config_file(str(files[0]))
+            missing = [k for k in ConfigParser.load_config_file(str(files[1])) if k not in base and not k.startswith("_")]
+            assert not missing, f"{files[1].name} overrides ids absent from train.json: {missing}"
+        text = json.dumps(raw)
+        assert "%" not in text.replace("%(", ""), f"{files}: '%file::id' macros break downloaded bundles"
+        assert "initialize" not in raw, f"{files}: 'initialize' would resolve before monai.bundle puts scripts on sys.path"
+        if "network_def" not in raw:
+            continue
+        parser = bundle_parser(bundle, files, init_filters=8)
+        net = parser.get_parsed_content("network_def")
+        assert isinstance(net, torch.nn.Module)
+        enc.encoder_of(net)  # holds the shared encoder
+        assert Path(parser.get_parsed_content("bundle_root")) == BUNDLES_DIR / bundle
+        built += 1
+    assert built, f"no config of {bundle} defines network_def"
+
+
+@pytest.mark.parametrize("bundle", EXPECTED_BUNDLES)
+def test_every_bundle_declares_the_contract_encoder(bundle, bundle_path_cleanup):
+    files = next(f for f in config_sets(bundle) if "network_def" in ConfigParser.load_config_files([str(x) for x in f]))
+    parser = bundle_parser(bundle, files)
+    assert parser.get_parsed_content("init_filters") == 32, "the contract's width is the default"
+    encoder, _ = enc.encoder_of(parser.get_parsed_content("network_def"))
+    reference = SegResEncoder(**enc.ENCODER_ARGS).state_dict()
+    got = encoder.state_dict()
+    assert list(got) == list(reference)
+    assert all(got[k].shape == reference[k].shape for k in reference)
+    assert sum(p.numel() for p in encoder.parameters()) == 77_760_992
+
+
+class HubEncoder(SegResEncoder):
+    """A SegResEncoder saved the way the public CT-FM feature extractor is (PyTorchModelHubMixin)."""
+
+
+@pytest.fixture(scope="module")
+def hub_folder(tmp_path_factory):
+    from huggingface_hub import PyTorchModelHubMixin
+
+    class CTFMFeatureExtractor(SegResEncoder, PyTorchModelHubMixin):
+        pass
+
+    torch.manual_seed(0)
+    model = CTFMFeatureExtractor(spatial_dims=3, in_channels=1, init_filters=8, blocks_down=(1, 2, 2, 4, 4))
+    folder = tmp_path_factory.mktemp("hub") / "ct_fm_feature_extractor"
+    model.save_pretrained(folder, config={"spatial_dims": 3, "in_channels": 1, "init_filters": 8, "blocks_down": [1, 2, 2, 4, 4]})
+    assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+    return folder, model.state_dict()
+
+
+@pytest.mark.parametrize("bundle", EXPECTED_BUNDLES)
+def test_hub_mixin_weights_load_into_every_bundle_network(bundle, hub_folder, bundle_path_cleanup):
+    folder, reference = hub_folder
+    files = next(f for f in config_sets(bundle) if "network_def" in ConfigParser.load_config_files([str(x) for x in f]))
+    parser = bundle_parser(bundle, files, init_filters=8)
+    net = parser.get_parsed_content("network_def")
+    bundle_encoder_module = sys.modules["scripts.ctfm_common.encoder"]  # the bundle's own packaged copy
+    assert Path(bundle_encoder_module.__file__).is_relative_to(BUNDLES_DIR / bundle)
+    report = bundle_encoder_module.load_encoder_weights(net, folder)
+    assert report.missing == [] and report.mismatched == []
+    assert len(report.loaded) == len(reference)
+    encoder, _ = enc.encoder_of(net)
+    for key, value in encoder.state_dict().items():
+        assert torch.equal(value, reference[key]), key
+
+
+def test_weights_round_trip_safetensors_torch_and_segresnetds(tmp_path):
+    torch.manual_seed(1)
+    seg = SegResNetDS(init_filters=8, blocks_down=(1, 2, 2, 4, 4), out_channels=3, dsdepth=4)
+    # a whole SegResNetDS checkpoint (Ignite-style container) feeds a bare encoder
+    torch.save({"network": seg.state_dict(), "epoch": 3}, tmp_path / "seg.pt")
+    bare = enc.build_encoder(init_filters=8)
+    report = enc.load_encoder_weights(bare, tmp_path / "seg.pt")
+    assert report.source_prefix == "encoder." and report.target_prefix == ""
+    assert any(k.startswith("up_layers") for k in report.unexpected)  # decoder keys are reported, not loaded
+    assert torch.equal(bare.conv_init.weight, seg.encoder.conv_init.weight)
+    # the exported .safetensors has bare keys and loads into the encoder part of a new SegResNetDS
+    path = enc.save_encoder_weights(bare, tmp_path / "encoder.safetensors", metadata={"init_filters": 8})
+    from safetensors.torch import load_file
+
+    assert set(load_file(str(path))) == set(enc.build_encoder(init_filters=8).state_dict())
+    seg2 = SegResNetDS(init_filters=8, blocks_down=(1, 2, 2, 4, 4), out_channels=118, dsdepth=4)
+    report = enc.load_encoder_weights(seg2, path)
+    assert report.target_prefix == "encoder." and not report.missing and not report.unexpected
+    assert torch.equal(seg2.encoder.conv_init.weight, seg.encoder.conv_init.weight)
+    # the pooled embedding network: 8 filters -> 128-d embedding, head output as asked
+    head = enc.PooledEncoderHead(init_filters=8, out_features=3)
+    enc.load_encoder_weights(head, path)
+    assert head(torch.zeros(2, 1, 32, 32, 32)).shape == (2, 3)
+    assert head.embed(torch.zeros(1, 1, 32, 32, 32)).shape == (1, enc.embedding_dim(8)) == (1, 128)
+
+
+def test_bad_weight_files_give_clear_errors(tmp_path):
+    good = enc.save_encoder_weights(enc.build_encoder(init_filters=8), tmp_path / "good.safetensors")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(enc.EncoderWeightsError, match="truncated.safetensors.*not a readable .safetensors"):
+        enc.load_encoder_weights(enc.build_encoder(init_filters=8), truncated)
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(enc.EncoderWeightsError, match="empty.pt.*empty"):
+        enc.read_state_dict(empty)
+    # wider encoder than the weights: every mismatched key is named, and nothing is loaded
+    wide = enc.build_encoder(init_filters=16)
+    before = wide.conv_init.weight.clone()
+    with pytest.raises(enc.EncoderWeightsError, match=r"shape mismatch \(\d+\): conv_init.weight file \(8, 1, 3, 3, 3\)"):
+        enc.load_encoder_weights(wide, good)
+    assert torch.equal(wide.conv_init.weight, before)
+    # weights of something else entirely
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pt")
+    with pytest.raises(enc.EncoderWeightsError, match="no encoder weights found"):
+        enc.load_encoder_weights(enc.build_encoder(init_filters=8), tmp_path / "other.pt")
+    # a pickle holding arbitrary objects is refused by weights_only=True
+    torch.save({"weights": torch.zeros(1), "obj": HubEncoder}, tmp_path / "pickled.pt")
+    with pytest.raises(enc.EncoderWeightsError, match="weights_only=True"):
+        enc.read_state_dict(tmp_path / "pickled.pt")
+    with pytest.raises(FileNotFoundError, match="neither an existing file"):
+        enc.read_state_dict(tmp_path / "nowhere" / "x.safetensors")
+    # strict=False loads what matches and reports the rest
+    partial = {k: v for k, v in load_state(good).items() if not k.startswith("layers.4")}
+    report = enc.load_encoder_weights(enc.build_encoder(init_filters=8), partial, strict=False)
+    assert report.missing and all(k.startswith("layers.4") for k in report.missing)
+    assert "missing in the file" in str(report)
+
+
+def load_state(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_repo_id_offline_says_how_to_pass_a_local_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(enc.EncoderWeightsError, match="pass the local folder or its model.safetensors"):
+        enc.read_state_dict("project-lighter/ct_fm_feature_extractor", cache_dir=str(tmp_path))
+
+
+def test_repo_id_resolves_from_the_local_hub_cache(tmp_path, monkeypatch, hub_folder):
+    """A repo downloaded once (here: placed in the cache by huggingface_hub's own layout) loads offline."""
+    folder, reference = hub_folder
+    repo = "project-lighter/ct_fm_feature_extractor"
+    snapshot = tmp_path / f"models--{repo.replace('/', '--')}" / "snapshots" / ("0" * 40)
+    shutil.copytree(folder, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    state = enc.read_state_dict(repo, cache_dir=str(tmp_path))
+    assert set(state) == set(reference)
+
+
+def test_shared_code_copies_are_in_sync():
+    import sync_bundles
+
+    assert sync_bundles.stale_copies() == []
+    for bundle in BUNDLE_NAMES:
+        copy = BUNDLES_DIR / bundle / "scripts" / "ctfm_common" / "encoder.py"
+        assert copy.read_text().startswith("# GENERATED from ctfm_common/encoder.py")
+
+
+def test_sync_detects_and_repairs_drift(tmp_path):
+    import sync_bundles
+
+    source = tmp_path / "ctfm_common"
+    shutil.copytree(REPO_ROOT / "ctfm_common", source, ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "bundles" / "b" / "configs").mkdir(parents=True)
+    (tmp_path / "bundles" / "b" / "configs" / "metadata.json").write_text("{}")
+    stale = sync_bundles.stale_copies(source, tmp_path / "bundles")
+    assert {p.name for p in stale} == {p.name for p in source.glob("*.py")}  # nothing packaged yet
+    for path, text in sync_bundles.expected_copies(source, tmp_path / "bundles").items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    assert sync_bundles.stale_copies(source, tmp_path / "bundles") == []
+    (source / "encoder.py").write_text((source / "encoder.py").read_text() + "\n# changed\n")
+    assert [p.name for p in sync_bundles.stale_copies(source, tmp_path / "bundles")] == ["encoder.py"]
+
+
+@pytest.mark.parametrize("bundle", EXPECTED_BUNDLES)
+def test_bundle_copied_alone_builds_its_network(bundle, tmp_path):
+    """The zoo and MONAI Label copy one bundle folder: nothing may point outside it."""
+    copy = tmp_path / bundle
+    shutil.copytree(BUNDLES_DIR / bundle, copy, ignore=shutil.ignore_patterns("__pycache__", "eval", "*.safetensors", "*.pt"))
+    files = next(f for f in config_sets(bundle) if "network_def" in ConfigParser.load_config_files([str(x) for x in f]))
+    names = json.dumps([str(copy / "configs" / f.name) for f in files])
+    code = (
+        "import sys, json; from monai.bundle import ConfigParser; p = ConfigParser(); "
+        f"p.read_config(json.loads({names!r})); p['init_filters'] = 8; p.parse(); "
+        "net = p.get_parsed_content('network_def'); import scripts; "
+        "print('ROOT=' + p.get_parsed_content('bundle_root')); print('FILE=' + scripts.encoder.__file__)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=copy, capture_output=True, text=True, timeout=300,
+                          env={"PATH": "", "PYTHONPATH": "", "HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"ROOT={copy}" in proc.stdout
+    assert f"FILE={copy}" in proc.stdout

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create (or update) the project's virtual environment in .venv from requirements.txt.
+# Re-installs only when requirements.txt changed since the last install. Sourced by
+# tools/run_demo.sh and tools/run_tests.sh; PYTHON selects the interpreter (default python3).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${CTFM_VENV:-$root/.venv}"
+stamp="$venv/.requirements.sha256"
+want="$(sha256sum "$root/requirements.txt" | cut -d' ' -f1)"
+if [ ! -x "$venv/bin/python" ]; then
+  echo "[setup] creating $venv"
+  "${PYTHON:-python3}" -m venv "$venv"
+fi
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "[setup] installing requirements.txt into $venv (first time: a few minutes)"
+  "$venv/bin/python" -m pip install -q --upgrade pip
+  "$venv/bin/python" -m pip install -q -r "$root/requirements.txt"
+  echo "$want" > "$stamp"
+fi
+export PATH="$venv/bin:$PATH"
