@@ -16,5 +16,3 @@ zoo, MONAI Label); a test fails when a copy drifts from this source.
 """
 
 from __future__ import annotations
-
-from . import encoder, inputs  # noqa: F401

@@ -16,7 +16,6 @@ user runs them, so two bundles' ``scripts`` packages never meet in one interpret
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -35,9 +34,7 @@ for _path in (REPO_ROOT, REPO_ROOT / "tools"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-
-def _cli_value(value) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
+from demo import bundle_command  # noqa: E402  (one definition of how a bundle is run)
 
 
 def run_bundle(
@@ -65,12 +62,7 @@ def run_bundle(
     Returns:
         The completed process, with ``stdout``/``stderr`` text.
     """
-    config_dir = BUNDLES_DIR / bundle / "configs"
-    files = [str(config_dir / c) for c in ([configs] if isinstance(configs, str) else configs)]
-    config_arg = files[0] if len(files) == 1 else json.dumps(files)
-    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_arg]
-    for key, value in overrides.items():
-        cmd += [f"--{key}", _cli_value(value)]
+    cmd = bundle_command(bundle, configs, run_id, **overrides)
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     proc = subprocess.run(cmd, cwd=cwd or REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:

@@ -28,7 +28,7 @@ from monai.networks.nets.segresnet_ds import SegResEncoder, SegResNetDS
 from ctfm_common import encoder as enc
 
 EXPECTED_BUNDLES = ["ctfm_pretrain", "ctfm_retrieval", "ctfm_triage", "ctfm_wholebody_seg"]
-OVERRIDE_CONFIGS = {"evaluate.json", "multi_gpu_train.json"}  # merged after train.json
+OVERRIDE_CONFIGS = {"evaluate.json", "multi_gpu_train.json"}  # merged after train.json, where one exists
 
 
 def config_files(bundle: str) -> list[Path]:
@@ -39,7 +39,7 @@ def config_sets(bundle: str) -> list[list[Path]]:
     """Config file lists as users run them: stand-alone files, and overrides after train.json."""
     files = config_files(bundle)
     train = BUNDLES_DIR / bundle / "configs" / "train.json"
-    return [[train, f] if f.name in OVERRIDE_CONFIGS else [f] for f in files]
+    return [[train, f] if f.name in OVERRIDE_CONFIGS and train.is_file() else [f] for f in files]
 
 
 def bundle_parser(bundle: str, files: list[Path], **overrides) -> ConfigParser:
@@ -105,7 +105,7 @@ def test_configs_parse_and_network_builds(bundle, bundle_path_cleanup):
     for files in sets:
         raw = ConfigParser.load_config_files([str(f) for f in files])
         if len(files) == 2:  # an override file may only change ids the base config has
-            base = ConfigParser.load_config_file(str(files[0]))
+            base = ConfigParser(ConfigParser.load_config_file(str(files[0])))
             missing = [k for k in ConfigParser.load_config_file(str(files[1])) if k not in base and not k.startswith("_")]
             assert not missing, f"{files[1].name} overrides ids absent from train.json: {missing}"
         text = json.dumps(raw)

@@ -46,12 +46,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ctfm_common.runtime import atomic_write, atomic_write_text  # noqa: E402
 
 # ---------------------------------------------------------------------------------------
 # Registries (data only: the CLI, the bundles and the tests all read these).
@@ -661,36 +664,11 @@ def label_statistics(
 # ---------------------------------------------------------------------------------------
 
 
-def _temporary_path(path: Path, suffix: str) -> Path:
-    """A unique hidden file beside ``path`` (same folder, so ``os.replace`` is atomic)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
-
-
-def _atomic_write_nifti(image: Any, path: Path) -> None:
-    """Save a nibabel image through a temporary file in the same folder + ``os.replace``."""
+def _save_nifti(image: Any, path: Path) -> None:
+    """Save a nibabel image atomically (the temporary name keeps ``.nii.gz``, so nibabel gzips it)."""
     import nibabel as nib
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # nibabel picks gzip from the file name, so the temporary name keeps the extension.
-    temp = _temporary_path(path, ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix)
-    try:
-        nib.save(image, temp)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    """Write a text file through a temporary file in the same folder + ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = _temporary_path(path, "")
-    try:
-        temp.write_text(text, encoding="utf-8")
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: nib.save(image, tmp))
 
 
 def _nifti(array: np.ndarray, affine: np.ndarray, *, is_label: bool) -> Any:
@@ -739,13 +717,13 @@ def save_phantom(
         raise ValueError(f"affine must be 4 x 4, got shape {affine.shape}")
     written = {}
     path = Path(image_path)
-    _atomic_write_nifti(_nifti(image.astype(np.int16, copy=False), affine, is_label=False), path)
+    _save_nifti(_nifti(image.astype(np.int16, copy=False), affine, is_label=False), path)
     written["image"] = str(path)
     if label_path is not None:
         if labels is None or np.shape(labels) != image.shape:
             raise ValueError(f"labels must have the image's shape {image.shape} to write {label_path}")
         path = Path(label_path)
-        _atomic_write_nifti(_nifti(np.asarray(labels).astype(np.uint8, copy=False), affine, is_label=True), path)
+        _save_nifti(_nifti(np.asarray(labels).astype(np.uint8, copy=False), affine, is_label=True), path)
         written["label"] = str(path)
     return written
 
@@ -889,7 +867,7 @@ def make_dataset(
             item = {"image": image_rel, "label": label_rel}
         datalist["validation" if is_validation[index] else "training"].append(item)
     path = root / datalist_name
-    _atomic_write_text(json.dumps(datalist, indent=2) + "\n", path)
+    atomic_write_text(path, json.dumps(datalist, indent=2) + "\n")
     return str(path)
 
 

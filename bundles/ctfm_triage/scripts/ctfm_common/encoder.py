@@ -40,6 +40,8 @@ import torch
 from monai.networks.nets.segresnet_ds import SegResEncoder
 from torch import nn
 
+from .runtime import atomic_write
+
 logger = logging.getLogger(__name__)
 
 # The contract (DESIGN.md): every bundle builds its encoder with exactly these arguments;
@@ -365,13 +367,6 @@ def save_encoder_weights(network: nn.Module, path: str | os.PathLike, *, metadat
     from safetensors.torch import save_file
 
     encoder, _ = encoder_of(network)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tensors = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
-    try:
-        save_file(tensors, str(tmp), metadata={str(k): str(v) for k, v in (metadata or {}).items()})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    header = {str(k): str(v) for k, v in (metadata or {}).items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -41,29 +42,36 @@ def _is_dicom_folder(folder: Path) -> bool:
     return False
 
 
-def _datalist_items(path: Path, dataset_dir: str | None, key: str) -> list[dict]:
+def _datalist_items(path: Path, dataset_dir: str | None, key: str, sections: Sequence[str] | None) -> list[dict]:
     try:
         content = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not a valid datalist JSON ({e}).") from e
+    if not isinstance(content, dict):
+        raise ValueError(f"{path}: a datalist is a JSON object with 'training'/'validation'/'testing' lists.")
     base = Path(dataset_dir) if dataset_dir else path.parent
-    for section in DATALIST_SECTIONS:
-        items = content.get(section) if isinstance(content, dict) else None
-        if items:
-            break
-    else:
-        raise ValueError(f"{path}: datalist has no non-empty '{', '.join(DATALIST_SECTIONS)}' list.")
+    if sections is None:  # the first non-empty of testing, validation, training
+        sections = [next((s for s in DATALIST_SECTIONS if content.get(s)), DATALIST_SECTIONS[0])]
     resolved = []
-    for i, item in enumerate(items):
-        item = {key: item} if isinstance(item, str) else dict(item)
-        if key not in item:
-            raise ValueError(f"{path}: item {i} of '{section}' has no '{key}' entry: {item}")
-        item[key] = str(base / item[key]) if not os.path.isabs(item[key]) else item[key]
-        resolved.append(item)
+    for section in sections:
+        for i, item in enumerate(content.get(section) or []):
+            item = {key: item} if isinstance(item, str) else dict(item)
+            if key not in item:
+                raise ValueError(f"{path}: item {i} of '{section}' has no '{key}' entry: {item}")
+            item[key] = str(base / item[key]) if not os.path.isabs(item[key]) else item[key]
+            resolved.append(item)
+    if not resolved:
+        raise ValueError(f"{path}: datalist has no items in '{', '.join(sections)}'.")
     return resolved
 
 
-def resolve_input(input: str | os.PathLike, *, dataset_dir: str | None = None, key: str = "image") -> list[dict]:
+def resolve_input(
+    input: str | os.PathLike,
+    *,
+    dataset_dir: str | None = None,
+    key: str = "image",
+    sections: Sequence[str] | None = None,
+) -> list[dict]:
     """Turn the ``input`` id into MONAI data dicts ``[{key: path}, ...]``.
 
     Args:
@@ -71,6 +79,8 @@ def resolve_input(input: str | os.PathLike, *, dataset_dir: str | None = None, k
             datalist JSON (its ``testing`` list, else ``validation``, else ``training``).
         dataset_dir: base folder of relative datalist paths (default: the datalist's folder).
         key: the dict key of the image path.
+        sections: datalist lists to read, in order (e.g. ``["training", "validation"]`` for a whole
+            dataset); default: the first non-empty of ``testing``, ``validation``, ``training``.
 
     Returns:
         One dict per scan, in a stable order. Datalist items keep their other entries.
@@ -82,7 +92,7 @@ def resolve_input(input: str | os.PathLike, *, dataset_dir: str | None = None, k
     text = os.fspath(input)
     path = Path(text).expanduser()
     if path.is_file() and path.suffix.lower() == ".json":
-        return _datalist_items(path, dataset_dir, key)
+        return _datalist_items(path, dataset_dir, key, sections)
     if path.is_dir():
         if not _is_dicom_folder(path):
             raise ValueError(f"{path}: folder holds no DICOM files; pass an image file, a DICOM series folder or a glob.")

@@ -1,0 +1,86 @@
+# GENERATED from ctfm_common/checkpoint.py by tools/sync_bundles.py: edit the source, not this copy.
+# Copyright (c) CT-FM bundles contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Checkpoints that survive a kill: atomic writes, a fixed-name "last" file, resume lookup."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+from monai.handlers import CheckpointSaver
+
+logger = logging.getLogger(__name__)
+
+_ITERATION_OR_EPOCH = re.compile(r"(?:iteration|epoch)=(\d+)\.pt$")
+
+
+def _keep_file(filename: str) -> None:
+    """A save handler's ``remove`` that keeps the file (it is overwritten atomically instead)."""
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI's ``CheckpointSaver`` writing every file atomically, with an optional fixed-name "last" file.
+
+    MONAI 1.6.1 turns Ignite's atomic writes off, so a save cut short by a kill leaves a
+    truncated checkpoint. Here each file goes to a temporary file and replaces the old one in
+    one step (Ignite's atomic mode, which also makes the file readable by group and others).
+    With ``last_filename`` the interval checkpoint always has the same name (e.g. ``last.pt``)
+    and is replaced, never deleted first, so a run can always resume from it.
+
+    Args:
+        last_filename: fixed name of the interval checkpoint (``save_interval > 0``).
+        kwargs: ``CheckpointSaver`` arguments (``save_dir``, ``save_dict``, ``save_key_metric``,
+            ``key_metric_filename``, ``save_final``, ``save_interval``, ``n_saved``, ...).
+    """
+
+    def __init__(self, last_filename: str | None = None, **kwargs) -> None:
+        Path(kwargs["save_dir"]).mkdir(parents=True, exist_ok=True)
+        super().__init__(**kwargs)
+        if last_filename and self._interval_checkpoint is not None:
+            self._interval_checkpoint.save_handler.filename = last_filename
+            self._interval_checkpoint.n_saved = None
+        for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if checkpoint is None:
+                continue
+            checkpoint.save_handler._atomic = True
+            if checkpoint.save_handler.filename is not None:
+                # Ignite deletes the file it replaces before writing the new one; a fixed name is
+                # replaced in place by the atomic write instead, so there is always a checkpoint.
+                checkpoint.save_handler.remove = _keep_file
+
+    def state_dict(self) -> dict:
+        """The best-metric tracking state, so a resumed run keeps the best score to beat."""
+        if self._key_metric_checkpoint is None:
+            return {"_saved": []}
+        return self._key_metric_checkpoint.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore :meth:`state_dict` (nothing to restore without key-metric saving)."""
+        if self._key_metric_checkpoint is not None:
+            super().load_state_dict(state_dict)
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint") -> str:
+    """The checkpoint with the highest ``iteration=N`` / ``epoch=N`` in ``ckpt_dir``, or ``""``.
+
+    Rerunning the same command resumes from it.
+    """
+    best, best_count = "", -1
+    for path in Path(ckpt_dir).glob(f"{prefix}_*.pt"):
+        match = _ITERATION_OR_EPOCH.search(path.name)
+        if match and int(match.group(1)) > best_count:
+            best, best_count = str(path), int(match.group(1))
+    if best:
+        logger.info(f"resuming from {best}")
+    return best

@@ -1,0 +1,127 @@
+# Copyright (c) CT-FM bundles contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""ctfm_common's small shared pieces: the ``input`` id, flags, shards, atomic writes, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from ctfm_common import checkpoint, inputs, runtime
+
+
+def touch(path, content=b"x"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
+def test_resolve_input_file_glob_datalist_and_sections(tmp_path):
+    a = touch(tmp_path / "cases" / "a.nii.gz")
+    b = touch(tmp_path / "cases" / "b.nrrd")
+    assert inputs.resolve_input(a) == [{"image": str(a)}]
+    assert inputs.resolve_input(str(tmp_path / "cases" / "*")) == [{"image": str(a)}, {"image": str(b)}]
+    datalist = tmp_path / "list.json"
+    datalist.write_text(json.dumps({"training": [{"image": "cases/a.nii.gz", "label": 1}],
+                                    "validation": [{"image": "cases/b.nrrd", "label": 0}]}))
+    # default: the first non-empty section of testing, validation, training; paths made absolute
+    assert inputs.resolve_input(datalist) == [{"image": str(b), "label": 0}]
+    both = inputs.resolve_input(datalist, sections=["training", "validation"])
+    assert [item["image"] for item in both] == [str(a), str(b)] and both[0]["label"] == 1
+    assert inputs.case_name(a) == "a" and inputs.case_name(b) == "b" and inputs.case_name(tmp_path / "dicom") == "dicom"
+
+
+def test_resolve_input_dicom_folder(tmp_path, shared_data):
+    folder = shared_data / "totalseg_example" / "dicom"
+    assert inputs.resolve_input(folder) == [{"image": str(folder)}]
+
+
+def test_resolve_input_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.nii.gz' does not exist"):
+        inputs.resolve_input(tmp_path / "missing.nii.gz")
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        inputs.resolve_input(str(tmp_path / "*.nii.gz"))
+    touch(tmp_path / "notes" / "readme.txt")
+    with pytest.raises(ValueError, match="notes: folder holds no DICOM files"):
+        inputs.resolve_input(tmp_path / "notes")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json: not a valid datalist JSON"):
+        inputs.resolve_input(bad)
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"training": []}))
+    with pytest.raises(ValueError, match="empty.json: datalist has no items"):
+        inputs.resolve_input(empty)
+    keyless = tmp_path / "keyless.json"
+    keyless.write_text(json.dumps({"training": [{"label": 1}]}))
+    with pytest.raises(ValueError, match="item 0 of 'training' has no 'image' entry"):
+        inputs.resolve_input(keyless)
+
+
+def test_as_bool_reads_command_line_words():
+    assert runtime.as_bool("false") is False and runtime.as_bool("False") is False and runtime.as_bool("0") is False
+    assert runtime.as_bool("true") is True and runtime.as_bool(True) is True and runtime.as_bool(1) is True
+    with pytest.raises(ValueError, match="not a boolean: 'maybe'"):
+        runtime.as_bool("maybe")
+
+
+def test_shards_default_from_torchrun_and_slurm_and_cover_everything(monkeypatch):
+    assert runtime.default_shard({}) == (0, 1)
+    assert runtime.default_shard({"RANK": "2", "WORLD_SIZE": "4"}) == (2, 4)
+    assert runtime.default_shard({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "3", "SLURM_ARRAY_TASK_COUNT": "4"}) == (2, 4)
+    items = list(range(10))
+    shards = [runtime.shard_items(items, i, 3) for i in range(3)]
+    assert sorted(sum(shards, [])) == items and all(len(s) >= 3 for s in shards)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert runtime.resolve_shard() == (1, 2) and runtime.resolve_shard(0, 3) == (0, 3)
+    with pytest.raises(ValueError, match="shard_index must be in"):
+        runtime.resolve_shard(3, 3)
+
+
+def test_atomic_write_keeps_the_previous_file_when_the_writer_fails(tmp_path):
+    target = tmp_path / "out" / "result.json"
+    runtime.atomic_write_text(target, "first\n")
+    assert target.read_text() == "first\n" and oct(target.stat().st_mode & 0o777) != oct(0o600)
+
+    def broken_writer(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        runtime.atomic_write(target, broken_writer)
+    assert target.read_text() == "first\n"
+    assert sorted(os.listdir(target.parent)) == ["result.json"], "no temporary file left behind"
+
+
+def test_atomic_checkpoint_saver_replaces_fixed_names_and_resume_finds_the_latest(tmp_path):
+    from ignite.engine import Engine, Events
+
+    net = torch.nn.Linear(2, 1)
+    engine = Engine(lambda e, b: None)
+    engine.state.metrics = {}
+    saver = checkpoint.AtomicCheckpointSaver(save_dir=str(tmp_path), save_dict={"model": net}, save_interval=1,
+                                             epoch_level=True, last_filename="last.pt")
+    saver.attach(engine)
+    seen = []
+    engine.add_event_handler(Events.EPOCH_COMPLETED(every=1), lambda e: seen.append(sorted(os.listdir(tmp_path))))
+    engine.run([0], max_epochs=3)
+    assert seen[-1] == ["last.pt"], "one fixed-name file, replaced each epoch, never a temporary left"
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert torch.equal(state["weight"], net.weight.detach())
+    for name in ("checkpoint_epoch=2.pt", "checkpoint_epoch=10.pt", "checkpoint_final_iteration=7.pt"):
+        shutil.copy(tmp_path / "last.pt", tmp_path / name)
+    assert checkpoint.latest_checkpoint(tmp_path).endswith("checkpoint_epoch=10.pt")
+    assert checkpoint.latest_checkpoint(tmp_path / "none") == ""
