@@ -8,14 +8,21 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Bundle code that MONAI does not provide. ``ctfm_common`` is generated (tools/sync_bundles.py)."""
+"""Bundle code that MONAI does not provide. ``ctfm_common`` is generated (tools/sync_bundles.py).
+
+- ``losses``: intra-sample NT-Xent (and the SimCLR variant);
+- ``views``: the batched on-device view augmenter and the trainer's ``prepare_batch``;
+- ``data``: the memory-mapped int16 crop cache and its sharded builder;
+- ``handlers``: atomic checkpoints, encoder export, throughput / skipped-scan monitor.
+"""
 
 from __future__ import annotations
 
 import os
 
 from . import ctfm_common  # noqa: F401
-from .ctfm_common import encoder, inputs  # noqa: F401
+from .ctfm_common import checkpoint, encoder, inputs, runtime  # noqa: F401
+from . import data, handlers, losses, views  # noqa: F401,E402
 
 # The folder holding configs/ and scripts/: configs derive every path from it, so a bundle
 # runs from any working directory (``monai.bundle run`` puts this folder on sys.path).

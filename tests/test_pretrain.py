@@ -1,0 +1,327 @@
+# Copyright (c) CT-FM bundles contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""ctfm_pretrain: the contrastive loss, the view pipeline, and training runs as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import BUNDLES_DIR, REPO_ROOT, run_bundle
+from ignite.engine import Events
+from monai.bundle import ConfigParser
+from monai.losses import ContrastiveLoss
+from monai.networks.nets.segresnet_ds import SegResNetDS
+
+import phantom
+from ctfm_common import encoder as enc
+
+BUNDLE = "ctfm_pretrain"
+CONFIGS = BUNDLES_DIR / BUNDLE / "configs"
+TINY = {"init_filters": 8, "patch_size": [16, 32, 32], "num_crops": 3, "num_workers": 0, "warmup_epochs": 0,
+        "log_interval": 1}
+
+
+@pytest.fixture
+def pretrain_scripts():
+    """The bundle's ``scripts`` package, imported in this process and removed afterwards."""
+    saved = list(sys.path)
+    sys.path.insert(0, str(BUNDLES_DIR / BUNDLE))
+    import scripts
+
+    yield scripts
+    sys.path[:] = saved
+    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+        del sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def phantom_data(tmp_path_factory) -> Path:
+    """Two small body phantoms and a corrupt "scan", all in the pretraining datalist."""
+    root = tmp_path_factory.mktemp("pretrain_data")
+    phantom.make_dataset(output_dir=str(root), num_cases=2, kind="body", shape=(40, 40, 20), spacing=3.0)
+    (root / "imagesTr" / "corrupt.nii.gz").write_bytes(b"this is not a NIfTI file" * 10)
+    images = sorted(p.relative_to(root).as_posix() for p in (root / "imagesTr").glob("body_*.nii.gz"))
+    datalist = {"training": [{"image": i} for i in images] + [{"image": "imagesTr/corrupt.nii.gz"}]}
+    (root / "pretrain.json").write_text(json.dumps(datalist))
+    return root
+
+
+# ------------------------------------------------------------------------------------------------
+# the loss
+# ------------------------------------------------------------------------------------------------
+
+
+def hand_ntxent(z: list[list[float]], groups: list[tuple[int, int]], temperature: float, intra: bool) -> float:
+    """NT-Xent written out term by term in plain Python (the reference for the tensor version)."""
+    unit = [[x / math.sqrt(sum(v * v for v in row)) for x in row] for row in z]
+    total = 0.0
+    for i, (scan, crop) in enumerate(groups):
+        sims = {j: sum(a * b for a, b in zip(unit[i], unit[j])) / temperature for j in range(len(z)) if j != i}
+        positive = next(j for j, g in enumerate(groups) if g == (scan, crop) and j != i)
+        candidates = [j for j in sims if not intra or groups[j][0] == scan]
+        total += -math.log(math.exp(sims[positive]) / sum(math.exp(sims[j]) for j in candidates))
+    return total / len(z)
+
+
+def test_ntxent_matches_hand_computed_values_for_both_variants(pretrain_scripts):
+    loss_cls = pretrain_scripts.losses.IntraSampleNTXentLoss
+    # 2 scans x 2 crops x 2 views, 3-d embeddings
+    z = [[1.0, 0.2, 0.0], [0.9, 0.1, 0.3], [0.0, 1.0, 0.5], [0.2, 0.8, 0.4],  # scan 0: crop 0 (2 views), crop 1
+         [0.5, 0.5, 0.5], [0.4, 0.6, 0.5], [-1.0, 0.0, 0.2], [-0.8, 0.3, 0.0]]  # scan 1
+    groups = [(0, 0), (0, 0), (0, 1), (0, 1), (1, 0), (1, 0), (1, 1), (1, 1)]
+    zt, gt = torch.tensor(z), torch.tensor(groups)
+    for intra in (True, False):
+        got = loss_cls(temperature=0.1, intra_sample=intra)(zt, gt).item()
+        assert got == pytest.approx(hand_ntxent(z, groups, 0.1, intra), rel=1e-4, abs=1e-6)
+    # a small case worked by hand: one scan, 2 crops, orthogonal crops, identical views, T = 0.5:
+    # each view: positive sim 1/T = 2, two negatives with sim 0 -> -log(e^2 / (e^2 + 2))
+    ortho = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 1.0], [0.0, 2.0]])  # L2-normalised by the loss
+    value = loss_cls(temperature=0.5)(ortho, torch.tensor([(0, 0), (0, 0), (0, 1), (0, 1)])).item()
+    assert value == pytest.approx(math.log(1 + 2 * math.exp(-2)), rel=1e-6)
+    # the standard variant is SimCLR's NT-Xent: MONAI's ContrastiveLoss on (view 0, view 1)
+    torch.manual_seed(0)
+    a, b = torch.randn(6, 16), torch.randn(6, 16)
+    standard = loss_cls(temperature=0.1, intra_sample=False)(
+        torch.cat([a, b]), torch.stack([torch.zeros(12), torch.arange(12) % 6], 1).long()
+    )
+    assert standard.item() == pytest.approx(ContrastiveLoss(temperature=0.1)(a, b).item(), rel=1e-5)
+
+
+def test_intra_sample_ignores_cross_scan_pairs_and_crop_order(pretrain_scripts):
+    loss = pretrain_scripts.losses.IntraSampleNTXentLoss(temperature=0.1)
+    torch.manual_seed(1)
+    z = torch.randn(12, 8)  # 2 scans x 3 crops x 2 views
+    groups = torch.tensor([(s, c) for s in range(2) for c in range(3) for _ in range(2)])
+    whole = loss(z, groups)
+    per_scan = [loss(z[groups[:, 0] == s], groups[groups[:, 0] == s]) for s in range(2)]
+    assert whole.item() == pytest.approx(sum(per_scan).item() / 2, rel=1e-5)  # cross-scan pairs play no part
+    # moving scan 1's views anywhere (even onto scan 0's) changes nothing for the intra-sample loss
+    moved = z.clone()
+    moved[groups[:, 0] == 1] = z[groups[:, 0] == 0]
+    assert loss(moved, groups).item() == pytest.approx(2 * per_scan[0].item() / 2, rel=1e-5)
+    standard = pretrain_scripts.losses.IntraSampleNTXentLoss(temperature=0.1, intra_sample=False)
+    assert standard(moved, groups).item() != pytest.approx(standard(z, groups).item(), rel=1e-3)
+    # permuting the rows (crop order, view order) leaves the loss unchanged
+    perm = torch.randperm(12)
+    assert loss(z[perm], groups[perm]).item() == pytest.approx(whole.item(), rel=1e-5)
+    # aligned positive pairs score lower than unrelated views
+    aligned = z.clone()
+    aligned[1::2] = aligned[0::2] + 0.01 * torch.randn(6, 8)
+    assert loss(aligned, groups) < whole
+    with pytest.raises(ValueError, match="no positive"):
+        loss(z[:3], groups[:3])
+
+
+# ------------------------------------------------------------------------------------------------
+# the view pipeline (cache -> crops -> views), built from train.json as the trainer builds it
+# ------------------------------------------------------------------------------------------------
+
+
+def parse_train(tmp_path: Path, data: Path, **overrides) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.json"))
+    parser.update({**TINY, "datalist": str(data / "pretrain.json"), "dataset_dir": str(data),
+                   "output_dir": str(tmp_path / "out"), "ckpt_dir": str(tmp_path / "models"), **overrides})
+    parser.parse()
+    return parser
+
+
+def test_view_pipeline_gives_two_views_per_crop_in_range(pretrain_scripts, phantom_data, tmp_path, caplog):
+    parser = parse_train(tmp_path, phantom_data)
+    dataset = parser.get_parsed_content("train#dataset")
+    dataset.set_random_state(0)
+    items = [dataset[0], dataset[1]]
+    # the cache: one uncompressed int16 .npy per scan, HU clipped, memory-mappable
+    cached = sorted((tmp_path / "out" / "cache").glob("body_*.npy"))
+    assert len(cached) == 2
+    volume = np.load(cached[0], mmap_mode="r")
+    assert isinstance(volume, np.memmap) and volume.dtype == np.int16
+    assert volume.min() >= -1024 and volume.max() <= 2048 and volume.max() > 0  # bone is in the phantom
+    assert volume.shape[0] == 20  # 20 slices of 3 mm stay 3 mm along S; in-plane 3 mm -> 1 mm
+    assert volume.shape[1] > 40 and volume.shape[2] > 40
+    batch = pretrain_scripts.data.collate_scans(items)
+    assert batch["crops"].shape == (2 * 3, 1, 16, 32, 32) and batch["crops"].dtype == torch.int16
+    views, groups = parser.get_parsed_content("train#prepare_batch")(batch, torch.device("cpu"))
+    assert views.shape == (2 * 2 * 3, 1, 16, 32, 32)  # 2 scans x 2 views x 3 crops
+    assert views.dtype == torch.float32 and views.min() >= 0 and views.max() <= 1
+    assert sorted(map(tuple, groups.tolist())) == sorted([(s, c) for s in range(2) for c in range(3)] * 2)
+    # the corrupt scan is skipped, replaced by a readable one, counted, and named in the log
+    with caplog.at_level("WARNING"):
+        item = dataset[2]
+    assert item["skipped"] >= 1 and item["crops"].shape == (3, 1, 16, 32, 32)
+    assert "corrupt.nii.gz" in caplog.text and "cannot be read" in caplog.text
+    assert len(list((tmp_path / "out" / "cache").glob("corrupt_*.bad.txt"))) == 1
+
+
+def test_view_augmenter_operations(pretrain_scripts):
+    views = pretrain_scripts.views
+    torch.manual_seed(0)
+    crops = torch.rand(3, 1, 8, 12, 12)
+    # all augmentations off and the full crop kept: each view is the crop itself
+    identity = views.ViewAugmenter(crop_scale=(1.0, 1.0), flip_prob=0, histogram_shift_prob=0, smooth_prob=0)
+    out = identity(crops)
+    assert out.shape == (6, 1, 8, 12, 12)
+    assert torch.allclose(out[:3], crops, atol=1e-5) and torch.allclose(out[3:], crops, atol=1e-5)
+    flipped = views.ViewAugmenter(crop_scale=(1.0, 1.0), flip_prob=1, histogram_shift_prob=0, smooth_prob=0)(crops)
+    assert torch.allclose(flipped[:3], crops.flip(2), atol=1e-5)  # first spatial axis
+    shifted = views.ViewAugmenter(crop_scale=(1.0, 1.0), flip_prob=0, histogram_shift_prob=1, smooth_prob=0)(crops)
+    assert not torch.allclose(shifted, out)
+    for a, b in zip(shifted, out):  # monotonic map between the image's own min and max
+        assert a.min() == pytest.approx(b.min().item(), abs=1e-5) and a.max() == pytest.approx(b.max().item(), abs=1e-5)
+        order = b.flatten().argsort()
+        assert bool((a.flatten()[order].diff() >= -1e-5).all())
+    smoothed = views.ViewAugmenter(crop_scale=(1.0, 1.0), flip_prob=0, histogram_shift_prob=0, smooth_prob=1)(crops)
+    assert smoothed.std() < out.std() * 0.8 and smoothed.mean() == pytest.approx(out.mean().item(), abs=0.02)
+    zoomed = views.ViewAugmenter(crop_scale=(0.33, 0.34), flip_prob=0, histogram_shift_prob=0, smooth_prob=0)(crops)
+    assert zoomed.shape == out.shape and not torch.allclose(zoomed, out)
+
+
+# ------------------------------------------------------------------------------------------------
+# training runs through monai.bundle, as a user runs them
+# ------------------------------------------------------------------------------------------------
+
+
+def train_args(data: Path, out: Path, **overrides) -> dict:
+    return {**TINY, "datalist": str(data / "pretrain.json"), "dataset_dir": str(data), "output_dir": str(out),
+            "ckpt_dir": str(out / "models"), "batch_size": 3, "epoch_length": 2, "checkpoint_interval": 1,
+            "max_epochs": 1, **overrides}
+
+
+def checkpoint_iteration(path: Path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=False)["trainer"]["iteration"]
+
+
+def test_training_writes_checkpoints_and_an_encoder_the_other_bundles_load_and_resumes(phantom_data, tmp_path):
+    out = tmp_path / "run"
+    proc = run_bundle(BUNDLE, "train.json", "training", **train_args(phantom_data, out))
+    log = proc.stdout + proc.stderr
+    models = out / "models"
+    assert checkpoint_iteration(models / "checkpoint_final_iteration=2.pt") == 2
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    # the corrupt scan of the datalist is skipped and counted, not fatal
+    skipped = [int(n) for n in re.findall(r"epoch 1: (\d+) scan\(s\) skipped", log)]
+    assert skipped and skipped[0] >= 1, log[-3000:]
+    assert "corrupt.nii.gz: cannot be read" in log
+    # the exported encoder loads strictly into the whole-body segmentation network, without scripts/
+    exported = models / "encoder.safetensors"
+    seg = SegResNetDS(init_filters=8, blocks_down=(1, 2, 2, 4, 4), out_channels=118, dsdepth=4)
+    report = enc.load_encoder_weights(seg, exported)
+    assert report.ok and not report.unexpected and len(report.loaded) == len(seg.encoder.state_dict())
+    from safetensors import safe_open
+
+    with safe_open(str(exported), "pt") as f:
+        assert f.metadata()["init_filters"] == "8" and f.metadata()["iteration"] == "2"
+    state = torch.load(models / "checkpoint_final_iteration=2.pt", map_location="cpu", weights_only=False)
+    for key, value in seg.encoder.state_dict().items():
+        assert torch.equal(value, state["network"]["encoder." + key]), key
+    # rerunning the same command with more epochs continues from the last checkpoint
+    proc = run_bundle(BUNDLE, "train.json", "training", **train_args(phantom_data, out, max_epochs=2))
+    assert "resuming from" in proc.stdout + proc.stderr
+    assert checkpoint_iteration(models / "checkpoint_final_iteration=4.pt") == 4
+    assert "iteration 3:" in proc.stdout + proc.stderr and "iteration 1:" not in proc.stdout + proc.stderr
+    # the `export` run id writes the encoder of a chosen checkpoint
+    chosen = models / "checkpoint_iteration=1.pt"
+    run_bundle(BUNDLE, "train.json", "export", ckpt=str(chosen), ckpt_dir=str(models), init_filters=8,
+               encoder_export=str(tmp_path / "chosen.safetensors"))
+    first = enc.read_state_dict(tmp_path / "chosen.safetensors")
+    state = torch.load(chosen, map_location="cpu", weights_only=False)["network"]
+    assert set(first) == set(seg.encoder.state_dict())
+    assert all(torch.equal(first[k], state["encoder." + k]) for k in first)
+
+
+def test_cache_run_id_builds_one_shard_and_skips_finished_items(phantom_data, tmp_path):
+    out = tmp_path / "cache_run"
+    args = {k: v for k, v in train_args(phantom_data, out).items() if k not in ("log_interval",)}
+    proc = run_bundle(BUNDLE, "train.json", "cache", shard_index=0, num_shards=2, **args)
+    # shard 0 of 2 holds items 0 and 2 of the datalist: one phantom and the corrupt file
+    assert len(list((out / "cache").glob("body_*.npy"))) == 1
+    assert len(list((out / "cache").glob("corrupt_*.bad.txt"))) == 1
+    assert "'cached': 1" in proc.stdout + proc.stderr and "'skipped': 1" in proc.stdout + proc.stderr
+
+
+@pytest.mark.skipif(
+    os.environ.get("CTFM_DDP_TEST") != "1",
+    reason="the 2-process torchrun run takes ~45 s on 2 shared cores (over this module's budget); "
+    "CTFM_DDP_TEST=1 runs it",
+)
+def test_two_process_ddp_on_cpu_completes(phantom_data, tmp_path):
+    """torchrun + gloo on the CPU: DistributedSampler, DDP (no SyncBatchNorm off CUDA), rank-0 outputs."""
+    out = tmp_path / "ddp"
+    configs = json.dumps([str(CONFIGS / "train.json"), str(CONFIGS / "multi_gpu_train.json")])
+    args = train_args(phantom_data, out, batch_size=1, epoch_length=1)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "monai.bundle", "run", "training", "--config_file", configs]
+    for key, value in args.items():
+        cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # own process group: on a hang, the workers are stopped with torchrun, not left behind
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"2-process run hung for 150 s:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    assert proc.returncode == 0, stdout[-4000:] + stderr[-4000:]
+    assert checkpoint_iteration(out / "models" / "checkpoint_final_iteration=1.pt") == 1
+    assert (out / "models" / "encoder.safetensors").is_file()
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1  # rank 0 only
+
+
+def test_real_ct_nifti_and_dicom_series_enter_the_cache(pretrain_scripts, shared_data, tmp_path):
+    """The shared data's NIfTI CT and DICOM series pass the preprocessing into the int16 cache."""
+    example = shared_data / "totalseg_example"
+    datalist = {"training": [{"image": str(example / "ct_small.nii.gz")}, {"image": str(example / "dicom")}]}
+    (tmp_path / "real.json").write_text(json.dumps(datalist))
+    parser = parse_train(tmp_path, tmp_path, datalist=str(tmp_path / "real.json"))
+    dataset = parser.get_parsed_content("train#dataset")
+    counts = pretrain_scripts.data.build_cache(dataset, shard_index=0, num_shards=1)
+    assert counts == {"cached": 2, "already_cached": 0, "skipped": 0, "total": 2}
+    nifti = np.load(dataset.paths(0)[1], mmap_mode="r")
+    # 30 axial slices of 3 mm stay 30 along S at 3 mm; 101 x 122 voxels of 3 mm become ~1 mm in-plane
+    assert nifti.dtype == np.int16 and nifti.shape[0] == 30
+    assert 200 < nifti.shape[1] <= 303 and 200 < nifti.shape[2] <= 366
+    assert nifti.min() >= -1024 and nifti.max() > 500  # bone
+    dicom = np.load(dataset.paths(1)[1], mmap_mode="r")
+    # 20 thinner slices resampled to 3 mm give fewer; 512 x 512 voxels of 0.977 mm give <= 500 at 1 mm
+    assert 12 <= dicom.shape[0] < 20 and dicom.shape[1] <= 501 and dicom.shape[2] <= 501 and dicom.max() > 500
+    again = pretrain_scripts.data.build_cache(dataset, shard_index=0, num_shards=1)
+    assert again["already_cached"] == 2
+    dataset.set_random_state(0)
+    assert dataset[1]["crops"].shape == (3, 1, 16, 32, 32)
+
+
+
+def test_loss_falls_on_one_scan(pretrain_scripts, phantom_data, tmp_path):
+    """30 steps on one phantom with the full view recipe: the intra-sample loss falls."""
+    (tmp_path / "one.json").write_text(json.dumps({"training": [{"image": "imagesTr/body_000.nii.gz"}]}))
+    parser = parse_train(tmp_path, phantom_data, datalist=str(tmp_path / "one.json"), batch_size=1, max_epochs=1,
+                         epoch_length=30, learning_rate=1e-3, num_crops=4)
+    torch.manual_seed(0)
+    trainer = parser.get_parsed_content("train#trainer")  # the trainer of train.json, without its handlers
+    losses = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: losses.append(engine.state.output["loss"].item()))
+    trainer.run()
+    assert len(losses) == 30
+    # chance level with 4 crops x 2 views: log(7) = 1.95
+    print(f"loss: first 10 steps {np.mean(losses[:10]):.3f}, last 10 {np.mean(losses[-10:]):.3f}")
+    assert np.mean(losses[-10:]) < 0.9 * np.mean(losses[:10]), np.round(losses, 2)
