@@ -1,0 +1,351 @@
+# Copyright (c) CT-FM bundles contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Per-case inference loop and its outputs (label map, structure CSV, PNG preview).
+
+MONAI provides the pieces (``preprocessing``, ``inferer``, ``postprocessing`` in
+configs/inference.json); this module runs them case by case so that one unreadable scan
+does not stop a batch, and writes every output atomically (temporary file, then
+``os.replace``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import logging
+import os
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .ctfm_common import encoder as shared_encoder
+from .ctfm_common.inputs import case_name
+from .ctfm_common.runtime import as_bool
+from .labels import read_label_names
+
+logger = logging.getLogger("ctfm_wholebody_seg")
+
+# Soft-tissue window of the PNG preview (HU).
+PREVIEW_WINDOW = (-160.0, 240.0)
+
+
+def load_network_weights(network: nn.Module, ckpt: str | os.PathLike | None) -> nn.Module:
+    """Load complete task weights into ``network`` (strict), or keep random init for an empty ``ckpt``.
+
+    ``ckpt`` may be a ``.safetensors`` file, a torch file (read with ``weights_only=True``; Ignite
+    checkpoints ``{"model": ...}`` are unwrapped), a hub-format folder or a hub repo id such as
+    ``project-lighter/whole_body_segmentation``. Keys may carry a prefix (``model.``, ``module.``).
+
+    Args:
+        network: the bundle's ``SegResNetDS`` (possibly DDP-wrapped).
+        ckpt: the weights; empty or ``None`` keeps the random initialisation (logged loudly).
+
+    Returns:
+        The network.
+
+    Raises:
+        FileNotFoundError: a ``ckpt`` path that does not exist, with what to do about it.
+        ValueError: keys or shapes that do not match (e.g. another ``init_filters`` or ``num_classes``).
+    """
+    module = network.module if isinstance(network, nn.parallel.DistributedDataParallel) else network
+    if not ckpt:
+        logger.warning("ckpt is empty: the network keeps its RANDOM initialisation (untrained outputs)")
+        return network
+    text = os.fspath(ckpt)
+    if not os.path.exists(text) and not shared_encoder.looks_like_repo_id(text):
+        raise FileNotFoundError(
+            f"model weights not found: {text}. Train the bundle (configs/train.json) or pass --ckpt with a "
+            f"checkpoint, a .safetensors file, or the public release 'project-lighter/whole_body_segmentation'."
+        )
+    state = shared_encoder.read_state_dict(text)
+    own = module.state_dict()
+    prefix = shared_encoder.find_source_prefix(state, list(own))
+    missing = [k for k in own if prefix + k not in state]
+    mismatched = [
+        f"{k} file {tuple(state[prefix + k].shape)} vs network {tuple(v.shape)}"
+        for k, v in own.items()
+        if prefix + k in state and tuple(state[prefix + k].shape) != tuple(v.shape)
+    ]
+    if missing or mismatched:
+        raise ValueError(
+            f"{text}: does not match the network (init_filters, num_classes?): {len(missing)} missing keys "
+            f"{missing[:3]}, {len(mismatched)} shape mismatches {mismatched[:3]}"
+        )
+    module.load_state_dict({k: state[prefix + k] for k in own}, strict=True)
+    logger.info(f"loaded {len(own)} tensors from {text} (source prefix '{prefix}')")
+    return network
+
+
+def case_names(paths: Sequence[str]) -> list[str]:
+    """Output names after the inputs (:func:`case_name`); repeated names get their parent folder's
+    name in front (TotalSegmentator's ``s0001/ct.nii.gz`` -> ``s0001_ct``)."""
+    names = [case_name(p) for p in paths]
+    counts = Counter(names)
+    return [f"{Path(p).parent.name}_{n}" if counts[n] > 1 else n for p, n in zip(paths, names)]
+
+
+def _atomic_path(path: Path) -> Path:
+    return path.with_name(f".tmp{os.getpid()}_{path.name}")  # keeps the suffix (nibabel reads it)
+
+
+def write_label_map(labels: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write a label map as NIfTI (uint8, or int16 above 255 classes), atomically."""
+    import nibabel as nib
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dtype = np.uint8 if labels.max(initial=0) < 256 else np.int16
+    img = nib.Nifti1Image(labels.astype(dtype), np.asarray(affine, dtype=np.float64))
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    img.header.set_xyzt_units("mm")
+    tmp = _atomic_path(path)
+    try:
+        nib.save(img, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_bytes_atomic(data: bytes, path: Path) -> Path:
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _atomic_path(path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def structure_table(
+    labels: np.ndarray, image_hu: np.ndarray, affine: np.ndarray, names: Mapping[int, str]
+) -> list[dict]:
+    """Volume (ml) and mean HU of every structure present (background excluded).
+
+    Args:
+        labels: integer label map.
+        image_hu: the CT in HU on the same grid.
+        affine: voxel-to-world matrix (mm) of that grid.
+        names: index -> structure name.
+
+    Returns:
+        One row per present structure: ``index, name, voxels, volume_ml, mean_hu``.
+    """
+    flat = labels.astype(np.int64).ravel()
+    counts = np.bincount(flat)
+    sums = np.bincount(flat, weights=image_hu.astype(np.float64).ravel(), minlength=len(counts))
+    voxel_ml = abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
+    return [
+        {
+            "index": i,
+            "name": names.get(i, f"class_{i}"),
+            "voxels": int(counts[i]),
+            "volume_ml": round(float(counts[i]) * voxel_ml, 3),
+            "mean_hu": round(float(sums[i] / counts[i]), 2),
+        }
+        for i in range(1, len(counts))
+        if counts[i] > 0
+    ]
+
+
+def write_csv(rows: Sequence[Mapping], path: str | os.PathLike, fields: Sequence[str]) -> Path:
+    """Write rows as CSV, atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(fields), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_bytes_atomic(buffer.getvalue().encode(), Path(path))
+
+
+def write_preview(
+    image_hu: np.ndarray, labels: np.ndarray, affine: np.ndarray, path: str | os.PathLike, title: str = ""
+) -> Path:
+    """PNG with axial, coronal and sagittal slices through the segmented structures' centre, with
+    the labels overlaid (radiological convention: the patient's right on the left).
+
+    Args:
+        image_hu: CT in HU.
+        labels: label map on the same grid.
+        affine: voxel-to-world matrix of that grid (any orientation).
+        path: PNG to write.
+        title: figure title.
+
+    Returns:
+        The path written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import nibabel as nib
+
+    ornt = nib.orientations.io_orientation(affine)  # to RAS+
+    ct = nib.orientations.apply_orientation(image_hu, ornt).astype(np.float32)
+    lab = nib.orientations.apply_orientation(labels, ornt).astype(np.int32)
+    sizes = nib.affines.voxel_sizes(affine)[ornt[:, 0].astype(int)]
+    centre = np.argwhere(lab > 0).mean(0).round().astype(int) if (lab > 0).any() else np.array(lab.shape) // 2
+    i, j, k = centre
+    views = [  # (CT slice, label slice, aspect = row size / column size)
+        ("axial", ct[::-1, ::-1, k].T, lab[::-1, ::-1, k].T, sizes[1] / sizes[0]),
+        ("coronal", ct[::-1, j, ::-1].T, lab[::-1, j, ::-1].T, sizes[2] / sizes[0]),
+        ("sagittal", ct[i, ::-1, ::-1].T, lab[i, ::-1, ::-1].T, sizes[2] / sizes[1]),
+    ]
+    cmap = plt.get_cmap("tab20")
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.6))
+    for ax, (name, image, overlay, aspect) in zip(axes, views):
+        ax.imshow(image, cmap="gray", vmin=PREVIEW_WINDOW[0], vmax=PREVIEW_WINDOW[1], aspect=aspect,
+                  interpolation="nearest")
+        colours = cmap((overlay % 20) / 19.0)
+        colours[..., 3] = np.where(overlay > 0, 0.45, 0.0)
+        ax.imshow(colours, aspect=aspect, interpolation="nearest")
+        ax.set_title(name)
+        ax.axis("off")
+    fig.suptitle(f"{title} ({len(np.unique(lab)) - 1} structures)")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return write_bytes_atomic(buffer.getvalue(), Path(path))
+
+
+def _read_hu(path: str, reader: Callable | None = None) -> np.ndarray:
+    from monai.transforms import LoadImage
+
+    image = (reader or LoadImage(image_only=True))(path)
+    return np.asarray(image)
+
+
+def segment_cases(
+    *,
+    items: Sequence[Mapping],
+    preprocessing: Callable,
+    postprocessing: Callable,
+    network: nn.Module,
+    inferer: Callable,
+    output_dir: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    amp: bool = True,
+    label_names: Mapping[int, str] | str | None = None,
+    save_csv: bool = True,
+    save_preview: bool = True,
+    save_dicom_seg: bool = False,
+    key: str = "image",
+    pred_key: str = "pred",
+) -> dict:
+    """Segment every item, writing ``<output_dir>/<case>/<case>_seg.nii.gz`` (+ optional outputs).
+
+    A case that fails (unreadable file, wrong dimensions...) is logged with the file and the
+    error, recorded in ``<output_dir>/summary.json``, and the batch goes on.
+
+    Args:
+        items: data dicts ``{key: path, ...}`` (``scripts.inputs.resolve_input``).
+        preprocessing: dict transform from the path to the network input (invertible).
+        postprocessing: dict transform from ``pred`` logits to a label map on the input grid.
+        network: the segmentation network (put in eval mode here).
+        inferer: e.g. ``SlidingWindowInferer``; called as ``inferer(inputs, network)``.
+        output_dir: output folder.
+        device: where the network runs.
+        amp: bf16 autocast on CUDA (ignored on the CPU).
+        label_names: index -> structure name for the CSV (or a JSON file of them).
+        save_csv: write ``<case>_structures.csv`` (volume in ml and mean HU per structure).
+        save_preview: write ``<case>_preview.png``.
+        save_dicom_seg: write ``<case>_seg.dcm`` (DICOM-SEG, highdicom) for DICOM series inputs.
+        key: image key of the items.
+        pred_key: key of the network output.
+
+    Returns:
+        The summary: ``{"num_ok", "num_failed", "cases": [{"input", "case", "status", "outputs" | "error"}]}``.
+
+    Raises:
+        RuntimeError: when every case failed (so the command exits non-zero).
+    """
+    output_dir = Path(output_dir)
+    device = torch.device(device)
+    amp, save_csv, save_preview, save_dicom_seg = map(as_bool, (amp, save_csv, save_preview, save_dicom_seg))
+    names = read_label_names(label_names)
+    network.eval()
+    autocast = (
+        (lambda: torch.autocast(device_type="cuda", dtype=torch.bfloat16))
+        if amp and device.type == "cuda"
+        else contextlib.nullcontext
+    )
+    paths = [str(item[key]) for item in items]
+    cases = case_names(paths)
+    results = []
+    try:
+        from tqdm import tqdm
+
+        progress = tqdm(list(zip(items, cases)), desc="segmenting", unit="case")
+    except ImportError:  # tqdm is optional
+        progress = list(zip(items, cases))
+    for item, case in progress:
+        source = str(item[key])
+        start = time.perf_counter()
+        record: dict = {"input": source, "case": case}
+        try:
+            with torch.no_grad():
+                data = preprocessing(dict(item))
+                inputs = data[key].unsqueeze(0).to(device)
+                with autocast():
+                    logits = inferer(inputs, network)
+                data[pred_key] = logits[0].float()
+                del inputs, logits
+                data = postprocessing(data)
+            pred = data[pred_key]
+            labels = np.asarray(pred.detach().cpu())[0].round().astype(np.int32)
+            affine = np.asarray(pred.affine.detach().cpu(), dtype=np.float64)
+            folder = output_dir / case
+            outputs = {"label_map": str(write_label_map(labels, affine, folder / f"{case}_seg.nii.gz"))}
+            if save_csv or save_preview:
+                image_hu = _read_hu(source)
+                if image_hu.shape != labels.shape:
+                    raise RuntimeError(f"inverted prediction {labels.shape} is not on the input grid {image_hu.shape}")
+                if save_csv:
+                    rows = structure_table(labels, image_hu, affine, names)
+                    fields = ("index", "name", "voxels", "volume_ml", "mean_hu")
+                    outputs["structures_csv"] = str(write_csv(rows, folder / f"{case}_structures.csv", fields))
+                if save_preview:
+                    png = folder / f"{case}_preview.png"
+                    outputs["preview_png"] = str(write_preview(image_hu, labels, affine, png, case))
+            if save_dicom_seg and os.path.isdir(source):
+                from .dicom_seg import write_dicom_seg
+
+                outputs["dicom_seg"] = str(write_dicom_seg(labels, affine, source, folder / f"{case}_seg.dcm", names))
+            record.update(status="ok", outputs=outputs, seconds=round(time.perf_counter() - start, 2),
+                          structures=int((np.unique(labels) > 0).sum()))
+            logger.info(
+                f"{case}: wrote {outputs['label_map']} ({record['structures']} structures, {record['seconds']} s)"
+            )
+        except Exception as e:  # one bad scan must not stop the batch: report it and go on
+            record.update(status="failed", error=f"{source}: {type(e).__name__}: {e}")
+            logger.error(f"{case}: FAILED on {source}: {type(e).__name__}: {e}")
+            logger.debug(traceback.format_exc())
+        results.append(record)
+    failed = [r for r in results if r["status"] != "ok"]
+    summary = {"num_ok": len(results) - len(failed), "num_failed": len(failed), "cases": results}
+    write_bytes_atomic((json.dumps(summary, indent=2) + "\n").encode(), output_dir / "summary.json")
+    logger.info(f"segmented {summary['num_ok']} of {len(results)} cases; summary: {output_dir / 'summary.json'}")
+    for record in failed:
+        logger.error(f"failed: {record['error']}")
+    if results and not summary["num_ok"]:
+        raise RuntimeError(f"every case failed ({len(failed)}): " + "; ".join(r["error"] for r in failed))
+    return summary

@@ -1,0 +1,95 @@
+# Copyright (c) CT-FM bundles contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Dictionary transforms MONAI lacks: label remapping by a lookup table, and keeping
+MONAI Label's ``<key>_path`` strings away from the spatial transforms."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+from monai.utils import convert_to_dst_type
+
+STASH_KEY = "_stashed_strings"
+
+
+class StashStringsd(MapTransform):
+    """Move string entries named ``<key>_*`` (e.g. MONAI Label's ``image_path``) aside.
+
+    MONAI 1.6.1's ``Spacingd`` treats every ``<key>_*`` entry as a meta dict and calls
+    ``.update`` on it, which fails on strings. Put this before the spatial transforms and
+    :class:`RestoreStringsd` after them.
+
+    Args:
+        keys: image keys whose ``<key>_*`` string entries are moved.
+    """
+
+    def __init__(self, keys: KeysCollection) -> None:
+        super().__init__(keys, allow_missing_keys=True)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        d = dict(data)
+        stash = dict(d.get(STASH_KEY, {}))
+        for key in self.keys:
+            for name in [k for k in d if isinstance(k, str) and k.startswith(f"{key}_") and isinstance(d[k], str)]:
+                stash[name] = d.pop(name)
+        d[STASH_KEY] = stash
+        return d
+
+
+class RestoreStringsd(MapTransform):
+    """Put the entries moved by :class:`StashStringsd` back."""
+
+    def __init__(self, keys: KeysCollection) -> None:
+        super().__init__(keys, allow_missing_keys=True)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        d = dict(data)
+        d.update(d.pop(STASH_KEY, {}))
+        return d
+
+
+class RemapLabelsd(MapTransform):
+    """Map label values with a lookup table: ``{source: target}``, every other value -> ``default``.
+
+    Unlike ``MapLabelValued`` (which leaves unlisted values unchanged and makes one pass per
+    value), unlisted values become background, so a map that names a few structures trains
+    on just those. ``mapping=None`` leaves labels unchanged.
+
+    Args:
+        keys: label keys.
+        mapping: source value -> target value (non-negative integers), or ``None``.
+        default: target of values not in ``mapping``.
+    """
+
+    def __init__(self, keys: KeysCollection, mapping: Mapping[int, int] | None, default: int = 0) -> None:
+        super().__init__(keys)
+        self.mapping = None if mapping is None else {int(k): int(v) for k, v in mapping.items()}
+        self.default = int(default)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        d = dict(data)
+        if self.mapping is None:
+            return d
+        size = max(self.mapping) + 1
+        for key in self.key_iterator(d):
+            label = d[key]
+            values = torch.as_tensor(label).long()
+            top = int(values.max()) + 1 if values.numel() else 0
+            lut = torch.full((max(size, top),), self.default, dtype=torch.long)
+            for source, target in self.mapping.items():
+                lut[source] = target
+            if values.numel() and int(values.min()) < 0:
+                raise ValueError(f"label '{key}' holds negative values; cannot remap {sorted(self.mapping)}")
+            d[key] = convert_to_dst_type(lut[values].to(torch.float32), label, dtype=torch.float32)[0]
+        return d

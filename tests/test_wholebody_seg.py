@@ -1,0 +1,242 @@
+# Copyright (c) CT-FM bundles contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""ctfm_wholebody_seg: train, resume, evaluate and segment through ``monai.bundle``, as a user does.
+
+A tiny network (init_filters 8) is trained for one epoch (and resumed for a second) on three
+body phantoms relabelled to TotalSegmentator indices, at a coarse 6 mm spacing with 32^3 patches; its checkpoint then
+segments a phantom, the real CT ``ct_small`` and the real DICOM series of ../shared/data.
+The network is far too small and briefly trained to segment well: the tests check geometry,
+label ranges, files and metrics, not accuracy.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import BUNDLES_DIR, run_bundle
+
+import phantom
+
+BUNDLE = "ctfm_wholebody_seg"
+TINY = {"init_filters": 8, "spacing": [6.0, 6.0, 6.0]}
+TRAIN = {**TINY, "patch_size": [32, 32, 32], "num_workers": 0, "batch_size": 1, "sw_batch_size": 1}
+INFER = {**TINY, "roi_size": [32, 32, 32], "sw_batch_size": 1}
+
+
+def _write_totalseg_phantoms(root, num_cases=3):
+    """Body phantoms (small grid) with labels relabelled to TotalSegmentator v2 indices."""
+    datalist = phantom.make_dataset(output_dir=str(root), num_cases=num_cases, kind="body", shape=(48, 40, 32),
+                                    spacing=(8.0, 8.0, 10.0), seed=3)
+    content = json.loads(open(datalist).read())
+    for item in content["training"] + content["validation"]:
+        path = root / item["label"]
+        img = nib.load(path)
+        relabelled = phantom.to_totalseg_labels(np.asarray(img.dataobj), kind="body")
+        nib.save(nib.Nifti1Image(relabelled, img.affine, img.header), path)
+    return datalist, content
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One epoch of training from a shared-encoder checkpoint; returns paths and the run log."""
+    from ctfm_common import encoder as enc
+
+    root = tmp_path_factory.mktemp("wholebody")
+    datalist, content = _write_totalseg_phantoms(root / "data")
+    encoder_ckpt = enc.save_encoder_weights(enc.build_encoder(init_filters=8), root / "encoder.safetensors")
+    ckpt_dir = root / "models"
+    proc = run_bundle(BUNDLE, "train.json", "training", dataset_dir=str(root / "data"), datalist=datalist,
+                      output_dir=str(root / "train"), ckpt_dir=str(ckpt_dir), encoder_ckpt=str(encoder_ckpt),
+                      max_epochs=1, **TRAIN)
+    return {"root": root, "data": root / "data", "datalist": datalist, "content": content, "ckpt_dir": ckpt_dir,
+            "model": ckpt_dir / "model.pt", "log": proc.stdout + proc.stderr, "train_args": {
+                "dataset_dir": str(root / "data"), "datalist": datalist, "output_dir": str(root / "train"),
+                "ckpt_dir": str(ckpt_dir), "encoder_ckpt": str(encoder_ckpt)}}
+
+
+def test_training_loads_the_encoder_writes_best_and_last_checkpoints_and_resumes(trained):
+    log = trained["log"]
+    assert "encoder weights from" in log and "tensors loaded into 'encoder.'" in log
+    assert "val_mean_dice" in log
+    assert (trained["ckpt_dir"] / "model.pt").stat().st_size > 0
+    assert (trained["ckpt_dir"] / "last.pt").stat().st_size > 0
+    assert list((trained["root"] / "train" / "tensorboard").glob("events.out.tfevents.*"))
+    # the best checkpoint holds the complete SegResNetDS (118 outputs), readable with weights_only=True
+    import torch
+
+    state = torch.load(trained["model"], map_location="cpu", weights_only=True)
+    head = [v for k, v in state.items() if k.endswith("head.weight") or k.endswith("heads.0.weight")]
+    assert any(v.shape[0] == 118 for v in head) or any(v.shape[0] == 118 for v in state.values() if v.ndim == 5)
+    # a second epoch resumes from last.pt instead of starting over
+    proc = run_bundle(BUNDLE, "train.json", "training", max_epochs=2, **trained["train_args"], **TRAIN)
+    out = proc.stdout + proc.stderr
+    assert "epoch 1 until 2 epochs" in out, out[-3000:]
+    assert "Epoch[2]" in out and "Epoch[1]" not in out.split("epoch 1 until 2 epochs")[1]
+
+
+def _check_label_map(seg_path, reference_path):
+    seg, ref = nib.load(seg_path), nib.load(reference_path)
+    assert seg.shape == ref.shape
+    np.testing.assert_allclose(seg.affine, ref.affine, atol=1e-3)
+    values = np.unique(np.asarray(seg.dataobj))
+    assert values.min() >= 0 and values.max() <= 117
+    assert np.issubdtype(seg.get_data_dtype(), np.integer)
+    return seg
+
+
+def _check_extras(folder, case, seg):
+    png = folder / f"{case}_preview.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = list(csv.DictReader(open(folder / f"{case}_structures.csv")))
+    labels = np.asarray(seg.dataobj)
+    assert sum(int(r["voxels"]) for r in rows) == int((labels > 0).sum())
+    voxel_ml = abs(np.linalg.det(seg.affine[:3, :3])) / 1000
+    for row in rows:
+        assert int(row["index"]) in np.unique(labels)
+        assert float(row["volume_ml"]) == pytest.approx(int(row["voxels"]) * voxel_ml, rel=1e-3, abs=1e-3)
+
+
+def test_inference_on_a_phantom_writes_label_map_on_the_input_grid_with_csv_and_preview(trained, tmp_path):
+    image = trained["data"] / trained["content"]["validation"][0]["image"]
+    out = tmp_path / "out"
+    run_bundle(BUNDLE, "inference.json", input=str(image), output_dir=str(out), ckpt=str(trained["model"]), **INFER)
+    seg = _check_label_map(out / "body_002" / "body_002_seg.nii.gz", image)
+    _check_extras(out / "body_002", "body_002", seg)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_ok"] == 1 and summary["num_failed"] == 0
+
+
+def test_inference_batch_real_ct_and_dicom_continues_past_a_bad_file(trained, tmp_path, shared_data):
+    example = shared_data / "totalseg_example"
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"this is not a NIfTI file")
+    datalist = tmp_path / "batch.json"
+    datalist.write_text(json.dumps({"testing": [{"image": str(example / "ct_small.nii.gz")}, {"image": str(bad)},
+                                                {"image": str(example / "dicom")}]}))
+    out = tmp_path / "out"
+    proc = run_bundle(BUNDLE, "inference.json", input=str(datalist), output_dir=str(out), ckpt=str(trained["model"]),
+                      save_dicom_seg=True, **INFER)
+    assert "broken.nii.gz" in proc.stdout + proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_ok"] == 2 and summary["num_failed"] == 1
+    failed = [c for c in summary["cases"] if c["status"] == "failed"]
+    assert failed[0]["case"] == "broken" and str(bad) in failed[0]["error"]
+    # the NIfTI CT: exactly its grid and affine
+    seg = _check_label_map(out / "ct_small" / "ct_small_seg.nii.gz", example / "ct_small.nii.gz")
+    _check_extras(out / "ct_small", "ct_small", seg)
+    # the DICOM series: the series' grid (the reference label map is stored LAS, ours in the DICOM's
+    # own voxel order): the same voxels in space once both are put in RAS order
+    seg = nib.load(out / "dicom" / "dicom_seg.nii.gz")
+    ref = nib.load(example / "dicom_labels.nii.gz")
+    assert seg.shape == ref.shape == (512, 512, 20)
+    seg_ras, ref_ras = nib.as_closest_canonical(seg), nib.as_closest_canonical(ref)
+    assert seg_ras.shape == ref_ras.shape
+    np.testing.assert_allclose(seg_ras.affine, ref_ras.affine, atol=0.05)
+    assert np.asarray(seg.dataobj).max() <= 117
+    _check_extras(out / "dicom", "dicom", seg)
+    # ... and a DICOM-SEG that highdicom reads back, one segment per structure, on the series' slices
+    highdicom = pytest.importorskip("highdicom")
+    dicom_seg = highdicom.seg.segread(str(out / "dicom" / "dicom_seg.dcm"))
+    assert len(dicom_seg.SegmentSequence) == int((np.unique(np.asarray(seg.dataobj)) > 0).sum())
+    assert len(dicom_seg.get_source_image_uids()) == 20
+    assert "dicom_seg" not in json.dumps([c.get("outputs", {}) for c in summary["cases"] if c["case"] == "ct_small"])
+
+
+def test_evaluate_dice_equals_a_hand_computation(trained, tmp_path):
+    out = tmp_path / "eval"
+    run_bundle(BUNDLE, ["train.json", "evaluate.json"], dataset_dir=str(trained["data"]), datalist=trained["datalist"],
+               output_dir=str(out), ckpt=str(trained["model"]), **TRAIN)
+    item = trained["content"]["validation"][0]
+    pred = np.asarray(nib.load(out / "predictions" / "body_002_seg.nii.gz").dataobj).squeeze()
+    label = np.asarray(nib.load(trained["data"] / item["label"]).dataobj)
+    assert pred.shape == label.shape
+    rows = list(csv.DictReader(open(out / "metrics_per_case.csv")))
+    expected = set(np.unique(pred)) | set(np.unique(label))
+    assert {int(r["index"]) for r in rows} == expected - {0}
+    for row in rows:
+        p, r = pred == int(row["index"]), label == int(row["index"])
+        dice = 2 * (p & r).sum() / (p.sum() + r.sum())
+        assert float(row["dice"]) == pytest.approx(dice, abs=1e-5), row
+        assert int(row["reference_voxels"]) == r.sum() and int(row["predicted_voxels"]) == p.sum()
+        assert 0.0 <= float(row["nsd"]) <= 1.0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["mean_dice"] == pytest.approx(np.mean([float(r["dice"]) for r in rows]), abs=1e-5)
+    assert (out / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "metrics_per_class.csv").is_file()
+
+
+def test_preprocessing_tolerates_monai_label_image_path_and_label_maps_select_structures(tmp_path):
+    """MONAI Label puts ``image_path`` beside ``image``; a label map keeps only the structures it names;
+    a batch whose every input is unreadable fails, naming the files."""
+    image, labels, affine = phantom.make_body_phantom(shape=(40, 32, 24), spacing=(8.0, 8.0, 10.0), seed=1)
+    phantom.save_phantom(image, labels, affine, image_path=tmp_path / "ct.nii.gz",
+                         label_path=tmp_path / "ct_labels.nii.gz")
+    (tmp_path / "map.json").write_text(json.dumps({str(phantom.BODY_LABELS["liver"]): 1,
+                                                   str(phantom.BODY_LABELS["spleen"]): 2}))
+    configs = BUNDLES_DIR / BUNDLE / "configs"
+    code = f"""
+import json, torch
+from monai.bundle import ConfigParser
+p = ConfigParser(); p.read_config({str(configs / 'inference.json')!r}); p.update({{"spacing": [6, 6, 6]}}); p.parse()
+ct, labels = {str(tmp_path / 'ct.nii.gz')!r}, {str(tmp_path / 'ct_labels.nii.gz')!r}
+d = p.get_parsed_content("preprocessing")({{"image": ct, "image_path": "/somewhere/ct.nii.gz"}})
+print("IMAGE", tuple(d["image"].shape), d["image_path"])
+t = ConfigParser(); t.read_config({str(configs / 'train.json')!r})
+t.update({{"label_map": {str(tmp_path / 'map.json')!r}, "spacing": [6, 6, 6], "patch_size": [32, 32, 32]}}); t.parse()
+print("CLASSES", t.get_parsed_content("num_classes"))
+v = t.get_parsed_content("validate#transforms")({{"image": ct, "label": labels, "label_path": "x"}})
+print("VALUES", sorted(torch.unique(v["label"]).int().tolist()), v["label_path"])
+open({str(tmp_path / 'scan_a.nii.gz')!r}, "wb").write(b"garbage")
+p.update({{"input": {str(tmp_path / 'scan_*.nii.gz')!r}, "output_dir": {str(tmp_path / 'out')!r}, "ckpt": "",
+          "init_filters": 8, "roi_size": [32, 32, 32]}}); p.parse()
+try:
+    p.get_parsed_content("run")
+except RuntimeError as e:
+    print("ALLFAILED", repr(e.__cause__ or e))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=BUNDLES_DIR / BUNDLE, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "IMAGE (1," in proc.stdout and "/somewhere/ct.nii.gz" in proc.stdout
+    assert "CLASSES 3" in proc.stdout
+    assert "VALUES [0, 1, 2] x" in proc.stdout
+    assert "ALLFAILED" in proc.stdout and "every case failed" in proc.stdout and "scan_a.nii.gz" in proc.stdout
+
+
+def test_totalseg_layout_converts_to_label_maps_and_a_datalist(tmp_path):
+    import totalseg_to_datalist as conv
+
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    for case, split in (("s0001", "train"), ("s0002", "val"), ("s0003", "test")):
+        seg = tmp_path / "ts" / case / "segmentations"
+        seg.mkdir(parents=True)
+        nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.int16), affine), seg.parent / "ct.nii.gz")
+        liver, spleen = np.zeros((8, 8, 4), np.uint8), np.zeros((8, 8, 4), np.uint8)
+        liver[:4] = 1
+        spleen[6:, 6:] = 1
+        nib.save(nib.Nifti1Image(liver, affine), seg / "liver.nii.gz")
+        nib.save(nib.Nifti1Image(spleen, affine), seg / "spleen.nii.gz")
+    (tmp_path / "ts" / "meta.csv").write_text("image_id;age;split\ns0001;50;train\ns0002;60;val\ns0003;70;test\n")
+    path = conv.totalseg_to_datalist(input_dir=str(tmp_path / "ts"), output_dir=str(tmp_path / "out"), num_workers=1)
+    datalist = json.loads(open(path).read())
+    assert [len(datalist[s]) for s in ("training", "validation", "testing")] == [1, 1, 1]
+    item = datalist["training"][0]
+    label = nib.load(tmp_path / "out" / item["label"])
+    values = np.asarray(label.dataobj)
+    assert np.allclose(label.affine, affine) and values.dtype == np.uint8
+    assert (values[:4] == 5).all() and (values[6:, 6:] == 1).all() and values[4:6].max() == 0  # liver 5, spleen 1
+    assert (tmp_path / "out" / item["image"]).resolve() == (tmp_path / "ts" / "s0001" / "ct.nii.gz").resolve()
