@@ -1,0 +1,204 @@
+# Copyright (c) CT-FM bundles contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Per-scan triage inference that reports bad scans and goes on, and the evaluation report."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import metrics
+from .ctfm_common.inputs import case_name
+from .handlers import PredictionCollector
+from .model import unwrap
+from .report import metrics_rows, plot_roc, write_csv, write_json, write_predictions
+
+logger = logging.getLogger(__name__)
+
+SOURCE_KEY = "source"  # not "image_path": MONAI's Spacingd treats "image_*" entries as meta dicts
+
+
+def describe_error(error: BaseException) -> str:
+    """The innermost cause of an exception (MONAI wraps transform errors), as ``Type: message``."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return f"{type(error).__name__}: {error}"
+
+
+class ReportErrors:
+    """Wrap a preprocessing transform so a scan that fails to load or transform becomes an error
+    record instead of stopping the batch.
+
+    Args:
+        transform: the preprocessing (e.g. a MONAI ``Compose``).
+        key: the image key whose original path names the scan.
+    """
+
+    def __init__(self, transform: Callable, key: str = "image") -> None:
+        self.transform, self.key = transform, key
+
+    def __call__(self, data: Mapping) -> dict:
+        source = str(data[self.key])
+        try:
+            result = dict(self.transform(dict(data)))
+        except Exception as e:  # any reader/transform failure is reported per scan
+            return {**{k: v for k, v in data.items() if k != self.key}, SOURCE_KEY: source,
+                    "error": f"{source}: {describe_error(e)}"}
+        result[SOURCE_KEY] = source
+        return result
+
+
+def first_item(batch: Sequence[Any]) -> Any:
+    """Collate function for ``batch_size=1`` loaders that keep each item's own structure."""
+    return batch[0]
+
+
+def _labels_of(item: Mapping, label_names: Sequence[str]) -> dict | None:
+    label = item.get("label")
+    if label is None:
+        return None
+    values = np.asarray(label, dtype=float).reshape(-1)
+    return dict(zip(label_names, values.astype(int).tolist())) if values.size == len(label_names) else None
+
+
+def predict(
+    *,
+    network: nn.Module,
+    dataloader: Any,
+    label_names: Sequence[str],
+    output_dir: str,
+    device: torch.device | str = "cpu",
+    amp: bool = False,
+    ckpt: str = "",
+) -> dict[str, str]:
+    """Classify every scan; write per-scan probabilities and decisions (CSV + JSON).
+
+    The decision of each label is ``probability >= threshold`` with the thresholds stored in the
+    checkpoint (the network's ``threshold`` buffer): exactly those chosen on validation.
+
+    Args:
+        network: the trained :class:`scripts.model.TriageClassifier` (checkpoint loaded).
+        dataloader: yields one preprocessed item at a time (``batch_size=1``, :func:`first_item`),
+            items wrapped by :class:`ReportErrors`.
+        label_names: a name per output.
+        output_dir: where ``predictions.csv`` and ``predictions.json`` go.
+        device: compute device.
+        amp: bf16 autocast on CUDA.
+        ckpt: the checkpoint path, recorded in the JSON.
+
+    Returns:
+        ``{"csv": path, "json": path}``.
+
+    Raises:
+        RuntimeError: every scan failed (after writing the report).
+    """
+    device = torch.device(device)
+    module = unwrap(network)
+    module.eval()
+    thresholds = module.threshold.detach().float().cpu().tolist()
+    threshold_by_name = dict(zip(label_names, thresholds))
+    cases = []
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else nullcontext()
+    try:
+        from tqdm import tqdm
+    except ImportError:  # progress bars are optional
+        def tqdm(x, **_):  # noqa: ANN001, ANN202
+            return x
+    for item in tqdm(dataloader, desc="triage", unit="scan"):
+        source = item[SOURCE_KEY]
+        record: dict[str, Any] = {"case": case_name(source), "image": source, "labels": _labels_of(item, label_names)}
+        if item.get("error"):
+            logger.error(f"skipped: {item['error']}")
+            cases.append({**record, "error": item["error"]})
+            continue
+        try:
+            with torch.no_grad(), autocast:
+                logits = network(torch.as_tensor(item["image"])[None].to(device))
+            probabilities = torch.sigmoid(logits.float())[0].cpu().tolist()
+        except Exception as e:  # e.g. out of memory on one odd scan: report it and go on
+            message = f"{source}: {describe_error(e)}"
+            logger.error(f"skipped: {message}")
+            cases.append({**record, "error": message})
+            continue
+        cases.append({**record,
+                      "probabilities": dict(zip(label_names, probabilities)),
+                      "decisions": {n: int(p >= t) for n, p, t in zip(label_names, probabilities, thresholds)},
+                      "thresholds": threshold_by_name, "error": None})
+    paths = write_predictions(cases, label_names=label_names, output_dir=output_dir,
+                              extra={"checkpoint": str(ckpt), "thresholds": threshold_by_name,
+                                     "decision_rule": "probability >= threshold (thresholds stored in the checkpoint)"})
+    failed = sum(1 for c in cases if c["error"])
+    logger.info(f"triage of {len(cases)} scan(s), {failed} failed: {paths['csv']}, {paths['json']}")
+    if cases and failed == len(cases):
+        raise RuntimeError(f"all {failed} scan(s) failed; see {paths['json']}. First error: {cases[0]['error']}")
+    return paths
+
+
+def evaluate(
+    *,
+    collector: PredictionCollector,
+    network: nn.Module,
+    label_names: Sequence[str],
+    output_dir: str,
+    num_bootstrap: int = 1000,
+    seed: int = 0,
+    ckpt: str = "",
+) -> dict[str, str]:
+    """Metrics at the stored thresholds, with bootstrap 95% CIs, from an evaluator's predictions.
+
+    Writes ``metrics.json``, ``metrics.csv`` (one row per label and metric), ``roc_curve.png``
+    and per-case ``predictions.csv``/``.json`` into ``output_dir``.
+
+    Args:
+        collector: the :class:`scripts.handlers.PredictionCollector` of the evaluator that ran.
+        network: the evaluated network (its ``threshold`` buffer holds the operating thresholds).
+        label_names: a name per output.
+        output_dir: output folder.
+        num_bootstrap: bootstrap resamples.
+        seed: bootstrap seed.
+        ckpt: the evaluated checkpoint, recorded in the JSON.
+
+    Returns:
+        The written paths by kind.
+    """
+    result = collector.result()
+    thresholds = unwrap(network).threshold.detach().float().cpu().tolist()
+    report = metrics.evaluate_predictions(result["labels"], result["probabilities"], thresholds,
+                                          label_names=label_names, num_bootstrap=num_bootstrap, seed=seed)
+    report = {"checkpoint": str(ckpt), "num_bootstrap": num_bootstrap, "confidence": 0.95, **report}
+    paths = {
+        "metrics_json": str(write_json(os.path.join(output_dir, "metrics.json"), report)),
+        "metrics_csv": str(write_csv(os.path.join(output_dir, "metrics.csv"), metrics_rows(report),
+                                     ["label", "metric", "value", "ci_low", "ci_high", "threshold", "num_cases",
+                                      "num_positive"])),
+        "roc_png": str(plot_roc(report, os.path.join(output_dir, "roc_curve.png"), title="triage ROC")),
+    }
+    cases = []
+    for image, y, p in zip(result["images"], result["labels"], result["probabilities"]):
+        cases.append({"case": case_name(image) if image else "", "image": image,
+                      "labels": dict(zip(label_names, np.asarray(y).astype(int).tolist())),
+                      "probabilities": dict(zip(label_names, np.asarray(p).tolist())),
+                      "decisions": {n: int(pp >= t) for n, pp, t in zip(label_names, p, thresholds)},
+                      "thresholds": dict(zip(label_names, thresholds)), "error": None})
+    paths.update({f"predictions_{k}": v for k, v in write_predictions(
+        cases, label_names=label_names, output_dir=output_dir, extra={"checkpoint": str(ckpt)}).items()})
+    for name, entry in report["labels"].items():
+        m = entry["metrics"]
+        logger.info(f"{name}: " + ", ".join(f"{k} {v['value']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]"
+                                             for k, v in m.items()) + f" at threshold {entry['threshold']:.4f}")
+    return paths

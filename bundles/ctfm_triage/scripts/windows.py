@@ -1,0 +1,149 @@
+# Copyright (c) CT-FM bundles contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Multi-window CT input: named HU windows stacked as channels, and the pretrained first
+convolution adapted to them.
+
+Each window ``[low, high]`` HU is clipped and scaled to [0, 1] with MONAI's
+``ScaleIntensityRange`` and becomes one input channel. The default single window ``ctfm``
+([-1024, 2048]) is exactly the shared preprocessing contract.
+
+The pretrained encoder's first convolution ``conv_init`` has one input channel. For ``C``
+windows its kernel is replicated over the ``C`` channels and divided by ``C``: the layer then
+computes the mean over channels of the pretrained response to each window, so with ``C``
+identical channels it gives exactly the 1-channel output, and every other pretrained weight
+still sees the feature statistics it was trained on. (The public reference concatenated its
+windows along the cranio-caudal axis instead; that changes the anatomy the encoder sees.)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform, ScaleIntensityRange
+from torch import nn
+
+from .ctfm_common import encoder as enc
+
+#: Named HU windows ``(low, high)``; ``ctfm`` is the shared preprocessing contract.
+HU_WINDOWS: dict[str, tuple[float, float]] = {
+    "ctfm": (-1024.0, 2048.0),
+    "brain": (0.0, 80.0),  # W 80 / L 40
+    "subdural": (-20.0, 180.0),  # W 200 / L 80
+    "stroke": (20.0, 60.0),  # W 40 / L 40
+    "bone": (-800.0, 2000.0),  # W 2800 / L 600
+}
+
+FIRST_CONV_KEY = "conv_init.weight"
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_windows(windows: Sequence[str | Sequence[float]] | str) -> list[tuple[float, float]]:
+    """Turn window names and/or ``[low, high]`` pairs into HU ranges.
+
+    Args:
+        windows: e.g. ``["brain", "subdural", "bone"]``, ``[[0, 80], [-800, 2000]]``, or one name.
+
+    Returns:
+        One ``(low, high)`` per channel.
+
+    Raises:
+        ValueError: an unknown name or a malformed range.
+    """
+    if isinstance(windows, str):
+        windows = [windows]
+    if not windows:
+        raise ValueError("windows must name at least one HU window, e.g. [\"ctfm\"]")
+    ranges = []
+    for window in windows:
+        if isinstance(window, str):
+            if window not in HU_WINDOWS:
+                raise ValueError(f"unknown HU window '{window}'; known: {', '.join(HU_WINDOWS)} "
+                                 "(or give [low, high])")
+            ranges.append(HU_WINDOWS[window])
+            continue
+        pair = tuple(float(v) for v in window)
+        if len(pair) != 2 or not pair[0] < pair[1]:
+            raise ValueError(f"an HU window must be [low, high] with low < high, got {window!r}")
+        ranges.append(pair)
+    return ranges
+
+
+class HUWindowsd(MapTransform):
+    """Stack HU windows as channels: each clipped to ``[low, high]`` and scaled to [0, 1].
+
+    Args:
+        keys: image keys (1-channel HU images, channel first).
+        windows: window names or ``[low, high]`` pairs (see :data:`HU_WINDOWS`).
+        allow_missing_keys: as for MONAI map transforms.
+    """
+
+    def __init__(self, keys: KeysCollection, windows: Sequence[str | Sequence[float]] | str = ("ctfm",),
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.scalers = [ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
+                        for low, high in resolve_windows(windows)]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            if image.shape[0] != 1:
+                raise ValueError(f"HUWindowsd expects a 1-channel HU image for '{key}', got shape {tuple(image.shape)}")
+            channels = [scale(image) for scale in self.scalers]
+            d[key] = channels[0] if len(channels) == 1 else torch.cat(channels, dim=0)  # MetaTensor keeps the affine
+        return d
+
+
+def inflate_first_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """Replicate a 1-channel conv kernel ``(out, 1, k, k, k)`` over ``in_channels``, divided by ``in_channels``."""
+    if weight.shape[1] == in_channels:
+        return weight
+    if weight.shape[1] != 1:
+        raise ValueError(f"can only inflate a 1-channel first convolution, got {tuple(weight.shape)}")
+    return weight.repeat(1, in_channels, *([1] * (weight.ndim - 2))) / in_channels
+
+
+def load_pretrained_encoder(
+    network: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor]
+) -> enc.LoadReport:
+    """Load 1-channel shared-encoder weights into a network with any number of input channels.
+
+    The weights are read (any format :func:`scripts.encoder.read_state_dict` accepts), the
+    first convolution is inflated to the network's channels (:func:`inflate_first_conv`),
+    then everything is loaded with the shared strict loader and its report.
+
+    Args:
+        network: a network holding the shared encoder (e.g. :class:`scripts.model.TriageClassifier`).
+        source: weights path, hub folder, repo id or state dict.
+
+    Returns:
+        The load report.
+    """
+    encoder, _ = enc.encoder_of(network)
+    state = dict(source) if isinstance(source, Mapping) else enc.read_state_dict(source)
+    prefix = enc.find_source_prefix(state, list(encoder.state_dict()))
+    in_channels = encoder.conv_init.in_channels
+    key = prefix + FIRST_CONV_KEY
+    name = "<state dict>" if isinstance(source, Mapping) else os.fspath(source)
+    if key in state and state[key].shape[1] == 1 and in_channels > 1:
+        state[key] = inflate_first_conv(state[key], in_channels)
+        logger.info(f"{name}: first convolution inflated from 1 to {in_channels} input channels "
+                    f"(kernel replicated / {in_channels})")
+    report = enc.load_encoder_weights(network, state)
+    report.source = name
+    logger.info(f"pretrained encoder loaded from {name}")
+    return report
