@@ -1,0 +1,452 @@
+# Copyright (c) CT-FM bundles contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Scan embeddings with the shared encoder: patch grid, aggregation, storage, resume and shards.
+
+Storage (one file per scan, see docs/README.md)::
+
+    <output_dir>/embeddings/<case>.safetensors   tensors: embedding [D], optionally
+                                                 patch_embeddings [N, D], patch_centers_world [N, 3]
+                                                 metadata: source, aggregation, patch size, ...
+    <output_dir>/embeddings/index.csv            case, source, file, dim, label
+
+Preprocessing (load, SPL, spacing, HU window, pad) is a MONAI ``Compose`` declared in the
+config; this module only does what MONAI lacks: the patch grid with world coordinates,
+aggregation of patch embeddings, and the resumable, shardable writer.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data.utils import dense_patch_slices
+from torch import nn
+
+from .ctfm_common.inputs import IMAGE_SUFFIXES, case_name
+from .ctfm_common.runtime import as_bool, atomic_write, atomic_write_text, shard_items
+
+logger = logging.getLogger("ctfm_retrieval.embed")
+
+AGGREGATIONS = ("mean", "max", "min", "global")
+INDEX_COLUMNS = ("case", "source", "file", "dim", "label")
+EMBEDDINGS_SUBDIR = "embeddings"
+
+
+def default_device() -> torch.device:
+    """``cuda:LOCAL_RANK`` when CUDA is available (one GPU per torchrun process), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}")
+    return torch.device("cpu")
+
+
+def load_encoder_or_warn(network: nn.Module, encoder_ckpt: str) -> nn.Module:
+    """Load ``encoder_ckpt`` strictly into ``network``; warn loudly when it is empty.
+
+    Args:
+        network: a network holding the shared encoder.
+        encoder_ckpt: weights (file, hub folder or repo id); empty keeps the random init.
+
+    Returns:
+        The network, in eval mode.
+    """
+    from .ctfm_common.encoder import load_encoder_weights
+
+    if encoder_ckpt:
+        load_encoder_weights(network, encoder_ckpt, strict=True)
+    else:
+        logger.warning(
+            "!!! encoder_ckpt is empty: the encoder is RANDOMLY INITIALISED, its embeddings carry no learned "
+            "meaning. Pass --encoder_ckpt (e.g. the pretrain bundle's encoder.safetensors or the CT-FM release). !!!"
+        )
+    return network.eval()
+
+
+def patch_grid(spatial_shape: Sequence[int], patch_size: Sequence[int], overlap: float) -> list[tuple[slice, ...]]:
+    """Sliding-window patch slices covering a volume (the last patch of each axis touches its end).
+
+    Args:
+        spatial_shape: volume shape (at least ``patch_size`` along every axis: pad first).
+        patch_size: patch shape.
+        overlap: fraction of a patch shared by neighbours, in [0, 1).
+
+    Returns:
+        The patch slices, in C order of their start positions.
+    """
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    if any(s < p for s, p in zip(spatial_shape, patch_size)):
+        raise ValueError(f"volume {tuple(spatial_shape)} is smaller than the patch {tuple(patch_size)}: pad it first")
+    interval = [max(1, int(p * (1 - overlap))) for p in patch_size]
+    return dense_patch_slices(spatial_shape, patch_size, interval)
+
+
+def voxel_to_world(affine: torch.Tensor | np.ndarray, voxels: np.ndarray) -> np.ndarray:
+    """Map voxel coordinates ``[N, 3]`` to world millimetres with a 4 x 4 affine."""
+    affine = np.asarray(affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
+    return voxels @ affine[:3, :3].T + affine[:3, 3]
+
+
+def aggregate(patch_embeddings: torch.Tensor, aggregation: str) -> torch.Tensor:
+    """Element-wise ``mean``, ``max`` or ``min`` over patch embeddings ``[N, D]`` -> ``[D]``."""
+    if aggregation == "mean":
+        return patch_embeddings.mean(0)
+    if aggregation == "max":
+        return patch_embeddings.amax(0)
+    if aggregation == "min":
+        return patch_embeddings.amin(0)
+    raise ValueError(f"aggregation must be one of mean, max, min (or global), got '{aggregation}'")
+
+
+class ScanEmbedder:
+    """Embed one preprocessed scan: patch embeddings on a sliding grid, aggregated to one vector.
+
+    Args:
+        network: maps ``(B, 1, D, H, W)`` to ``(B, dim)`` embeddings (``PooledEncoderHead``).
+        patch_size: patch shape in voxels (S, P, L after preprocessing).
+        overlap: patch overlap fraction.
+        aggregation: ``mean``, ``max``, ``min`` over patches, or ``global`` (one pass over the whole volume).
+        batch_size: patches per forward pass.
+        amp: bf16 autocast on CUDA (ignored on the CPU).
+        device: where the network runs.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        patch_size: Sequence[int] = (24, 128, 128),
+        overlap: float = 0.625,
+        aggregation: str = "min",
+        batch_size: int = 4,
+        amp: bool = True,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got '{aggregation}'")
+        self.network = network
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.overlap = float(overlap)
+        self.aggregation = aggregation
+        self.batch_size = int(batch_size)
+        self.device = torch.device(device)
+        self.amp = as_bool(amp) and self.device.type == "cuda"
+
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        context = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
+        with context:
+            return self.network(batch.to(self.device)).float().cpu()
+
+    @torch.no_grad()
+    def __call__(self, image: torch.Tensor, *, with_patches: bool = False) -> dict[str, torch.Tensor]:
+        """Embed a preprocessed image ``(1, D, H, W)`` (a MetaTensor: its affine gives world coordinates).
+
+        Args:
+            image: channel-first volume, at least one patch large.
+            with_patches: also return every patch's embedding and world centre.
+
+        Returns:
+            ``embedding`` [D]; with patches (or for patch aggregations internally) ``patch_embeddings`` [N, D]
+            and ``patch_centers_world`` [N, 3] (the patch centre in the input's world space, mm).
+        """
+        out: dict[str, torch.Tensor] = {}
+        data = (image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)).float()
+        if self.aggregation == "global":
+            out["embedding"] = self._forward(data[None])[0]
+        if self.aggregation != "global" or with_patches:
+            slices = patch_grid(data.shape[1:], self.patch_size, self.overlap)
+            embeddings = []
+            for begin in range(0, len(slices), self.batch_size):
+                chunk = slices[begin : begin + self.batch_size]
+                embeddings.append(self._forward(torch.stack([data[(slice(None), *s)] for s in chunk])))
+            patches = torch.cat(embeddings)
+            if self.aggregation != "global":
+                out["embedding"] = aggregate(patches, self.aggregation)
+            if with_patches:
+                starts = np.array([[s.start for s in sl] for sl in slices], dtype=np.float64)
+                centers = starts + (np.array(self.patch_size, dtype=np.float64) - 1) / 2
+                affine = getattr(image, "affine", None)
+                if affine is None:
+                    raise ValueError("patch world coordinates need the image affine (a MetaTensor)")
+                out["patch_embeddings"] = patches
+                out["patch_centers_world"] = torch.as_tensor(voxel_to_world(affine, centers), dtype=torch.float64)
+        return out
+
+
+def write_embedding_file(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """Write one scan's tensors and string metadata as ``.safetensors``, atomically."""
+    from safetensors.torch import save_file
+
+    contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(contiguous, str(tmp), metadata=dict(metadata)))
+
+
+def read_embedding_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a stored scan embedding: ``(tensors, metadata)``."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """Only the metadata of a stored scan embedding (``{}`` when the file is unreadable)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # truncated or foreign file: treat as not done
+        return {}
+
+
+def embedding_settings(
+    *,
+    aggregation: str,
+    patch_size: Sequence[int],
+    overlap: float,
+    spacing: Sequence[float],
+    init_filters: int,
+    encoder_ckpt: str,
+    orientation: str = "SPL",
+    hu_range: Sequence[float] = (-1024, 2048),
+) -> dict[str, str]:
+    """The settings that define an embedding, as the string metadata stored with it.
+
+    Two embeddings are comparable only when these agree; resume, index and query check them.
+    """
+    return {
+        "aggregation": str(aggregation),
+        "patch_size": json.dumps([int(p) for p in patch_size]),
+        "overlap": json.dumps(float(overlap)),
+        "spacing": json.dumps([float(s) for s in spacing]),
+        "orientation": str(orientation),
+        "hu_range": json.dumps([float(h) for h in hu_range]),
+        "init_filters": str(int(init_filters)),
+        "encoder_ckpt": str(encoder_ckpt),
+    }
+
+
+def unique_case_names(items: Sequence[Mapping], key: str = "image") -> list[str]:
+    """Case names after the inputs; repeated names get ``_2``, ``_3``... in input order."""
+    names, seen = [], {}
+    for item in items:
+        name = case_name(str(item[key]).rstrip("/\\"))
+        seen[name] = seen.get(name, 0) + 1
+        names.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
+    return names
+
+
+class _SafeDataset(torch.utils.data.Dataset):
+    """Applies the preprocessing to each item; an unreadable item becomes an error record."""
+
+    def __init__(self, items: Sequence[dict], transform: Callable, key: str) -> None:
+        self.items, self.transform, self.key = list(items), transform, key
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.items[i]
+        try:
+            return {"index": i, "image": self.transform(dict(item))[self.key]}
+        except Exception as e:  # any reader/transform failure: report it, go on with the others
+            cause = e
+            while cause.__cause__ is not None:  # MONAI wraps transform errors; name the root problem
+                cause = cause.__cause__
+            return {"index": i, "error": f"{type(cause).__name__}: {cause}", "trace": traceback.format_exc()}
+
+
+def _first(batch: list) -> dict:
+    return batch[0]
+
+
+def _read_index(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _write_index(path: Path, rows: Sequence[Mapping]) -> None:
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=INDEX_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(sorted(rows, key=lambda r: r["case"]))
+    atomic_write_text(path, buffer.getvalue())
+
+
+def merge_index_parts(embeddings_dir: Path, num_shards: int) -> bool:
+    """Merge every shard's index part into ``index.csv`` once all ``num_shards`` parts exist.
+
+    Rows of earlier runs whose files still exist are kept unless a part lists the same case.
+
+    Returns:
+        True when the merge happened (all parts were there).
+    """
+    parts = [embeddings_dir / f"index.shard{i}of{num_shards}.csv" for i in range(num_shards)]
+    if not all(p.is_file() for p in parts):
+        return False
+    rows = {r["case"]: r for r in _read_index(embeddings_dir / "index.csv") if (embeddings_dir / r["file"]).is_file()}
+    for part in parts:
+        rows.update({r["case"]: r for r in _read_index(part)})
+    _write_index(embeddings_dir / "index.csv", list(rows.values()))
+    for part in parts:
+        part.unlink(missing_ok=True)
+    return True
+
+
+def embed_dataset(
+    *,
+    items: Sequence[dict],
+    preprocessing: Callable,
+    embedder: ScanEmbedder,
+    output_dir: str | os.PathLike,
+    settings: Mapping[str, str],
+    save_patches: bool = False,
+    shard_index: int = 0,
+    num_shards: int = 1,
+    num_workers: int = 0,
+    key: str = "image",
+) -> dict:
+    """Embed every scan of this shard and write one ``.safetensors`` per scan plus the index table.
+
+    Cases whose file exists with the same settings and source are skipped (resume). A scan that
+    cannot be read or preprocessed is logged with its path and the problem, listed in
+    ``errors[.shardIofN].csv``, and the others go on.
+
+    Args:
+        items: data dicts (``scripts.inputs.resolve_input``); other entries (e.g. ``label``) are indexed.
+        preprocessing: MONAI transform from a data dict to the preprocessed ``key`` image.
+        embedder: the :class:`ScanEmbedder`.
+        output_dir: results folder (files go to ``<output_dir>/embeddings``).
+        settings: :func:`embedding_settings`, stored with every file.
+        save_patches: also store patch embeddings and world centres.
+        shard_index: this process's shard in ``[0, num_shards)``; it takes items ``shard_index::num_shards``.
+        num_shards: number of shards.
+        num_workers: data loader workers.
+        key: the image key of ``items``.
+
+    Returns:
+        ``{"done": [...], "skipped": [...], "failed": [...]}`` case names of this shard.
+    """
+    from tqdm import tqdm
+
+    num_shards, shard_index, save_patches = int(num_shards), int(shard_index), as_bool(save_patches)
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard_index must be in [0, {num_shards}), got {shard_index}")
+    out_dir = Path(output_dir) / EMBEDDINGS_SUBDIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = unique_case_names(items, key)
+    mine = shard_items(list(range(len(items))), shard_index, num_shards)
+    settings = dict(settings, save_patches=str(save_patches))
+    if not settings.get("encoder_ckpt"):
+        logger.warning("embedding with a RANDOMLY INITIALISED encoder (encoder_ckpt is empty)")
+
+    rows, todo, result = [], [], {"done": [], "skipped": [], "failed": []}
+    for i in mine:
+        source = str(items[i][key])
+        file = out_dir / f"{names[i]}.safetensors"
+        expected = dict(settings, case=names[i], source=source)
+        if file.is_file() and all(read_metadata(file).get(k) == v for k, v in expected.items()):
+            result["skipped"].append(names[i])
+            rows.append(_index_row(names[i], items[i], key, file))
+        else:
+            todo.append(i)
+    if result["skipped"]:
+        logger.info(f"shard {shard_index}/{num_shards}: {len(result['skipped'])} case(s) already embedded, skipped")
+
+    dataset = _SafeDataset([items[i] for i in todo], preprocessing, key)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=int(num_workers), collate_fn=_first)
+    errors = []
+    for record in tqdm(loader, total=len(dataset), desc=f"embed shard {shard_index}/{num_shards}", unit="scan"):
+        i = todo[record["index"]]
+        name, source = names[i], str(items[i][key])
+        try:
+            if "error" in record:
+                raise RuntimeError(record["error"])
+            out = embedder(record["image"], with_patches=save_patches)
+            metadata = dict(
+                settings,
+                case=name,
+                source=source,
+                dim=str(out["embedding"].numel()),
+                num_patches=str(len(out.get("patch_embeddings", ()))),
+            )
+            file = out_dir / f"{name}.safetensors"
+            write_embedding_file(file, out, metadata)
+        except Exception as e:
+            message = str(e) if "error" in record else f"{type(e).__name__}: {e}"
+            logger.error(f"{source}: cannot embed this scan ({message}); going on with the others")
+            errors.append({"case": name, "source": source, "error": message})
+            result["failed"].append(name)
+            continue
+        rows.append(_index_row(name, items[i], key, file))
+        result["done"].append(name)
+
+    suffix = "" if num_shards == 1 else f".shard{shard_index}of{num_shards}"
+    error_file = out_dir / f"errors{suffix}.csv"
+    if errors:
+        import io
+
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=["case", "source", "error"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(errors)
+        atomic_write_text(error_file, buffer.getvalue())
+        logger.error(f"{len(errors)} scan(s) failed, listed in {error_file}")
+    else:
+        error_file.unlink(missing_ok=True)
+    _write_index(out_dir / f"index.shard{shard_index}of{num_shards}.csv", rows)
+    merged = merge_index_parts(out_dir, num_shards)
+    state = f"merged into {out_dir / 'index.csv'}" if merged else "part written (waiting for other shards)"
+    logger.info(
+        f"shard {shard_index}/{num_shards}: {len(result['done'])} embedded, {len(result['skipped'])} skipped, "
+        f"{len(result['failed'])} failed; index {state}"
+    )
+    return result
+
+
+def _index_row(name: str, item: Mapping, key: str, file: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        dim = f.get_slice("embedding").get_shape()[0]
+    return {"case": name, "source": str(item[key]), "file": file.name, "dim": dim, "label": class_label(item)}
+
+
+def class_label(item: Mapping) -> str:
+    """The item's class label (e.g. a datalist's ``"label": 1``) as text; ``""`` when it has none or
+    its ``label`` is a segmentation file path rather than a class."""
+    label = item.get("label", "")
+    if isinstance(label, bool):
+        return str(int(label))
+    if isinstance(label, (int, float)):
+        return str(label)
+    if isinstance(label, str) and not label.lower().endswith(IMAGE_SUFFIXES):
+        return label
+    return ""
+
+
+def read_index_table(embeddings_dir: str | os.PathLike) -> list[dict]:
+    """Rows of ``<embeddings_dir>/index.csv`` (raises with a hint when it is missing)."""
+    path = Path(embeddings_dir) / "index.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no embedding index table; run embed.json first (or wait for all shards).")
+    return _read_index(path)

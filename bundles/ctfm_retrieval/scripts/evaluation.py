@@ -1,0 +1,121 @@
+# Copyright (c) CT-FM bundles contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Leave-one-out retrieval evaluation of an index given class labels."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .ctfm_common.inputs import DATALIST_SECTIONS
+from .ctfm_common.runtime import atomic_write_text
+from .embedding import class_label, read_embedding_file, unique_case_names
+from .metrics import average_precision, average_precision_at_k, hit_rate_at_k, precision_at_k, retrieval_metrics
+from .vector_index import load_index, normalize
+
+logger = logging.getLogger("ctfm_retrieval.evaluate")
+
+
+def read_labels(labels: str, rows: Sequence[dict]) -> dict[str, str]:
+    """Class label per case from a CSV (``case,label``), a datalist JSON (items with ``image`` and
+    ``label``, all sections) or, when ``labels`` is empty, the ``label`` column of the index."""
+    if not labels:
+        return {r["case"]: r["label"] for r in rows if r.get("label", "") != ""}
+    path = Path(labels)
+    if not path.is_file():
+        raise FileNotFoundError(f"labels file '{labels}' not found (a case,label CSV or a datalist JSON)")
+    if path.suffix.lower() == ".json":
+        content = json.loads(path.read_text())
+        items = [i for s in DATALIST_SECTIONS for i in content.get(s, []) if isinstance(i, dict) and class_label(i)]
+        return {n: class_label(i) for n, i in zip(unique_case_names(items), items)}
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if not {"case", "label"} <= set(reader.fieldnames or ()):
+            raise ValueError(f"{path}: a labels CSV needs 'case' and 'label' columns, found {reader.fieldnames}")
+        return {r["case"]: r["label"] for r in reader}
+
+
+def evaluate_retrieval(
+    *, index_dir: str, output_dir: str, labels: str = "", ks: Sequence[int] = (1, 3, 5, 10), max_rank: int = 1000
+) -> dict:
+    """Each labelled indexed scan queries the index (itself excluded); metrics by class agreement.
+
+    Args:
+        index_dir: the persisted index.
+        output_dir: where ``retrieval_metrics.json`` and ``retrieval_per_query.csv`` go.
+        labels: see :func:`read_labels`.
+        ks: cut-offs for precision@k, AP@k, hit rate@k.
+        max_rank: ranking depth used for AP/mAP (exact when the index holds fewer items).
+
+    Returns:
+        The summary (also written as JSON).
+    """
+    index, rows, meta = load_index(index_dir)
+    label_of = read_labels(labels, rows)
+    base = (Path(index_dir) / meta["embeddings_dir"]).resolve()
+    labelled = [i for i, r in enumerate(rows) if r["case"] in label_of]
+    if len(labelled) < 2:
+        raise ValueError(f"{index_dir}: fewer than two indexed cases have a label ({len(labelled)}); check 'labels'")
+    skipped = len(rows) - len(labelled)
+    if skipped:
+        logger.warning(f"{skipped} indexed case(s) have no label and are left out of the evaluation")
+    vectors = np.stack([read_embedding_file(base / rows[i]["file"])[0]["embedding"].float().numpy() for i in labelled])
+    depth = min(int(max_rank), index.ntotal)
+    scores, ids = index.search(normalize(vectors), depth)
+    classes = [label_of[rows[i]["case"]] for i in labelled]
+    per_query, relevances, totals = [], [], []
+    ks = [int(k) for k in ks]
+    for q, row_id in enumerate(labelled):
+        ranked = [j for j in ids[q] if j >= 0 and j != row_id and rows[j]["case"] in label_of]
+        relevance = [int(label_of[rows[j]["case"]] == classes[q]) for j in ranked]
+        total = sum(c == classes[q] for c in classes) - 1
+        if total == 0:
+            logger.warning(f"{rows[row_id]['case']}: the only case of class '{classes[q]}', not evaluated")
+            continue
+        relevances.append(relevance)
+        totals.append(total)
+        entry = {
+            "case": rows[row_id]["case"],
+            "label": classes[q],
+            "num_relevant": total,
+            "AP": average_precision(relevance, total),
+        }
+        for k in ks:
+            entry[f"precision@{k}"] = precision_at_k(relevance, k)
+            entry[f"AP@{k}"] = average_precision_at_k(relevance, k, total)
+            entry[f"hit_rate@{k}"] = hit_rate_at_k(relevance, k)
+        per_query.append(entry)
+    summary = retrieval_metrics(relevances, ks, totals)
+    summary.update(
+        num_indexed=int(index.ntotal),
+        ranking_depth=depth,
+        metric="cosine",
+        index_kind=meta["kind"],
+        settings=meta.get("settings", {}),
+    )
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "retrieval_metrics.json", json.dumps(summary, indent=2) + "\n")
+    if per_query:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(per_query[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(per_query)
+        atomic_write_text(out / "retrieval_per_query.csv", buffer.getvalue())
+    logger.info("retrieval: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if isinstance(v, float)))
+    logger.info(f"-> {out / 'retrieval_metrics.json'}, {out / 'retrieval_per_query.csv'}")
+    return summary

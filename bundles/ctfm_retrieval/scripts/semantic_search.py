@@ -1,0 +1,276 @@
+# Copyright (c) CT-FM bundles contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Semantic search: a point in one scan -> cosine-similarity map over another scan.
+
+The encoder's feature map (level ``feature_level``, stride 16 at the last level) of both scans
+is computed in one pass each; the query vector is the feature at the query point, the map is
+its cosine similarity with every feature voxel of the target, upsampled to the preprocessed
+grid and inverted (MONAI inverse transforms) onto the target's original grid and affine.
+Top matches are the best feature voxels (distinct positions); the hit rate is the share of them
+that fall inside a target label mask (the reference's "matches inside the heart").
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ctfm_common.inputs import case_name
+from .ctfm_common.runtime import as_bool, atomic_write, atomic_write_text
+from .embedding import voxel_to_world
+
+logger = logging.getLogger("ctfm_retrieval.semantic_search")
+
+
+def world_point(point: Sequence[float], point_space: str, image_path: str) -> np.ndarray:
+    """The query point in world mm (RAS); ``voxel`` points are indices into the file's own grid."""
+    point = np.asarray(point, dtype=np.float64)
+    if point.shape != (3,):
+        raise ValueError(f"query_point must be 3 numbers, got {point.tolist()}")
+    if point_space == "world":
+        return point
+    if point_space == "voxel":
+        from monai.transforms import LoadImage
+
+        affine = LoadImage(image_only=True)(image_path).affine
+        return voxel_to_world(affine, point[None])[0]
+    raise ValueError(f"point_space must be 'world' or 'voxel', got '{point_space}'")
+
+
+def _features(network: nn.Module, image: torch.Tensor, level: int, device: torch.device, amp: bool) -> torch.Tensor:
+    encoder = getattr(network, "encoder", network)
+    context = torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else nullcontext()
+    with torch.no_grad(), context:
+        data = image.as_tensor() if hasattr(image, "as_tensor") else image
+        return encoder(data[None].float().to(device))[level][0].float().cpu()
+
+
+def _feature_centres(shape: Sequence[int], stride: Sequence[float]) -> np.ndarray:
+    """Preprocessed-grid voxel coordinates of every feature voxel's centre, C order."""
+    grids = np.meshgrid(*[(np.arange(n) + 0.5) * s - 0.5 for n, s in zip(shape, stride)], indexing="ij")
+    return np.stack([g.ravel() for g in grids], axis=1)
+
+
+def hit_rate_inside_mask(
+    points_world: np.ndarray, label_path: str, label_values: Sequence[int]
+) -> tuple[float, list[bool]]:
+    """Share of world points whose nearest voxel of the label map holds one of ``label_values``."""
+    import nibabel as nib
+
+    labels = nib.load(label_path)
+    data = np.asanyarray(labels.dataobj)
+    voxels = np.rint(nib.affines.apply_affine(np.linalg.inv(labels.affine), points_world)).astype(int)
+    inside = []
+    for v in voxels:
+        ok = all(0 <= c < n for c, n in zip(v, data.shape)) and int(data[tuple(v)]) in set(int(x) for x in label_values)
+        inside.append(bool(ok))
+    return (float(np.mean(inside)) if inside else 0.0), inside
+
+
+def save_map_on_input_grid(
+    restored: torch.Tensor, source: str, path: Path
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Write a map already inverted onto ``source``'s grid as NIfTI with the source's affine, atomically.
+
+    Returns:
+        ``(map array, affine, source image array)`` for plotting.
+    """
+    import nibabel as nib
+
+    original = nib.load(source) if Path(source).is_file() and str(source).endswith((".nii", ".nii.gz")) else None
+    affine = original.affine if original is not None else np.asarray(restored.affine, dtype=np.float64)
+    array = (
+        restored.as_tensor()[0].numpy().astype(np.float32)
+        if hasattr(restored, "as_tensor")
+        else np.asarray(restored[0])
+    )
+    if original is not None and array.shape != original.shape:
+        raise RuntimeError(f"inverted map {array.shape} does not match {source} {original.shape}")
+    atomic_write(path, lambda tmp: nib.save(nib.Nifti1Image(array, affine), str(tmp)))
+    if original is not None:
+        return array, affine, original.get_fdata()
+    from monai.transforms import LoadImage
+
+    return array, affine, np.asarray(LoadImage(image_only=True)(source))
+
+
+def save_overlay_png(
+    image: np.ndarray,
+    overlay: np.ndarray,
+    centre: Sequence[int],
+    title: str,
+    path: Path,
+    vmin: float = -1.0,
+    vmax: float = 1.0,
+    label: str = "cosine similarity",
+    zooms: Sequence[float] = (1.0, 1.0, 1.0),
+) -> None:
+    """Three orthogonal slices through voxel ``centre``: ``image`` in grey, ``overlay`` in colour, atomically.
+
+    ``zooms`` (voxel sizes, mm) give the slices their physical aspect ratio.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4))
+    for axis, ax in enumerate(axes):
+        index = [slice(None)] * 3
+        index[axis] = int(centre[axis])
+        rows_axis, cols_axis = [a for a in range(3) if a != axis][::-1]  # after rot90: rows = 2nd, columns = 1st
+        aspect = float(zooms[rows_axis]) / float(zooms[cols_axis])
+        ax.imshow(np.rot90(image[tuple(index)]), cmap="gray", aspect=aspect)
+        shown = ax.imshow(np.rot90(overlay[tuple(index)]), cmap="jet", alpha=0.45, vmin=vmin, vmax=vmax, aspect=aspect)
+        ax.set_title(f"voxel axis {axis} = {index[axis]}")
+        ax.axis("off")
+    fig.colorbar(shown, ax=axes, fraction=0.02, label=label)
+    fig.suptitle(title)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80))
+    finally:
+        plt.close(fig)
+
+
+def semantic_search(
+    *,
+    target: str,
+    query_image: str,
+    query_point: Sequence[float],
+    preprocessing: Callable,
+    network: nn.Module,
+    output_dir: str,
+    point_space: str = "world",
+    feature_level: int = -1,
+    top_n: int = 10,
+    target_label: str = "",
+    label_values: Sequence[int] = (),
+    device: str | torch.device = "cpu",
+    amp: bool = True,
+) -> dict:
+    """Similarity map of the query point's feature over the target scan, with top matches and hit rate.
+
+    Args:
+        target: scan to search (file or DICOM folder).
+        query_image: scan holding the query point (may be the target).
+        query_point: the point, world mm (RAS) or voxel indices of ``query_image`` (``point_space``).
+        preprocessing: invertible MONAI transform to the preprocessed ``image`` (embed recipe, divisible pad).
+        network: a network holding the shared encoder.
+        output_dir: results go to ``<output_dir>/semantic_search``.
+        point_space: ``world`` or ``voxel``.
+        feature_level: encoder level whose features are compared (-1: last, stride 16).
+        top_n: number of top matches reported.
+        target_label: optional label map on the target's grid for the hit rate.
+        label_values: label values that count as inside.
+        device: where the encoder runs.
+        amp: bf16 autocast on CUDA.
+
+    Returns:
+        The summary (also ``<target>_summary.json``).
+    """
+    import nibabel as nib
+
+    device = torch.device(device)
+    amp = as_bool(amp)
+    out_dir = Path(output_dir) / "semantic_search"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    point = world_point(query_point, point_space, query_image)
+
+    query = preprocessing({"image": query_image})["image"]
+    query_features = _features(network, query, feature_level, device, amp)
+    q_stride = np.array(query.shape[1:]) / np.array(query_features.shape[1:])
+    q_voxel = voxel_to_world(np.linalg.inv(np.asarray(query.affine, dtype=np.float64)), point[None])[0]
+    if np.any(q_voxel < -0.5) or np.any(q_voxel > np.array(query.shape[1:]) - 0.5):
+        raise ValueError(f"query point {point.tolist()} (world mm) lies outside {query_image}")
+    q_index = tuple(
+        int(np.clip(v // s, 0, n - 1)) for v, s, n in zip(q_voxel + 0.5, q_stride, query_features.shape[1:])
+    )
+    vector = F.normalize(query_features[(slice(None), *q_index)], dim=0)
+
+    image = query if target == query_image else preprocessing({"image": target})["image"]
+    features = query_features if target == query_image else _features(network, image, feature_level, device, amp)
+    similarity = torch.einsum("c,cdhw->dhw", vector, F.normalize(features, dim=0))
+    stride = np.array(image.shape[1:]) / np.array(features.shape[1:])
+
+    # top matches: best feature voxels, their centres in world mm
+    n = min(int(top_n), similarity.numel())
+    scores, flat = torch.topk(similarity.flatten(), n)
+    centres = _feature_centres(features.shape[1:], stride)[flat.numpy()]
+    matches_world = voxel_to_world(image.affine, centres)
+
+    # the map on the preprocessed grid, then back onto the target's grid (MONAI inverse transforms)
+    upsampled = F.interpolate(
+        similarity[None, None], size=tuple(image.shape[1:]), mode="trilinear", align_corners=False
+    )[0]
+    map_pre = image.clone()
+    map_pre.set_array(upsampled)
+    restored = preprocessing.inverse({"image": map_pre})["image"]
+    name = case_name(str(target).rstrip("/\\"))
+    nifti_path = out_dir / f"{name}_similarity.nii.gz"
+    map_array, affine, target_image = save_map_on_input_grid(restored, target, nifti_path)
+
+    summary = {
+        "target": str(target),
+        "query_image": str(query_image),
+        "query_point_world": point.tolist(),
+        "feature_level": int(feature_level),
+        "similarity_map": str(nifti_path),
+        "top_n": n,
+    }
+    inside: list = [None] * n
+    if target_label:
+        summary["hit_rate"], inside = hit_rate_inside_mask(matches_world, target_label, label_values)
+        summary["label_values"] = [int(v) for v in label_values]
+    voxels = nib.affines.apply_affine(np.linalg.inv(affine), matches_world)
+    rows = [
+        {
+            "rank": r + 1,
+            "score": float(s),
+            "x": w[0],
+            "y": w[1],
+            "z": w[2],
+            "i": v[0],
+            "j": v[1],
+            "k": v[2],
+            "inside_mask": "" if inside[r] is None else int(inside[r]),
+        }
+        for r, (s, w, v) in enumerate(zip(scores.tolist(), matches_world, voxels))
+    ]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out_dir / f"{name}_matches.csv", buffer.getvalue())
+    best = np.clip(np.rint(voxels[0]).astype(int), 0, np.array(map_array.shape) - 1)
+    save_overlay_png(
+        target_image,
+        map_array,
+        best,
+        f"{name}: cosine similarity to {point.round(1).tolist()} mm in {case_name(query_image)}",
+        out_dir / f"{name}_similarity.png",
+        zooms=np.linalg.norm(affine[:3, :3], axis=0),
+    )
+    atomic_write_text(out_dir / f"{name}_summary.json", json.dumps(summary, indent=2) + "\n")
+    logger.info(
+        f"similarity map -> {nifti_path}; best match {matches_world[0].round(1).tolist()} mm "
+        f"(score {rows[0]['score']:.3f})" + (f"; hit rate {summary['hit_rate']:.3f}" if target_label else "")
+    )
+    return summary
