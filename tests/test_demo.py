@@ -1,0 +1,67 @@
+# Copyright (c) CT-FM bundles contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""The README's main job (tools/demo.py): every bundle, end to end, on a phantom CT."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import BUNDLE_NAMES, BUNDLES_DIR, REPO_ROOT
+from monai.bundle import ConfigParser
+
+import demo
+
+
+def test_demo_runs_every_bundle_with_overrides_its_configs_define(tmp_path):
+    data = demo.prepare_data(tmp_path, None, seed=0)
+    steps = demo.build_steps(tmp_path, data, init_filters=8)
+    assert {s.bundle for s in steps} == set(BUNDLE_NAMES), "every bundle is part of the main job"
+    for step in steps:
+        parser = ConfigParser(ConfigParser.load_config_files(
+            [str(BUNDLES_DIR / step.bundle / "configs" / c) for c in step.configs]))
+        assert step.run_id in parser, f"{step.bundle}/{step.configs}: no run id '{step.run_id}'"
+        unknown = [k for k in step.overrides if k not in parser]
+        assert not unknown, f"{step.title}: overrides {unknown} are not ids of {step.configs}"
+
+
+def test_demo_rejects_a_missing_ct_before_training(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "demo.py"), "--ct", str(tmp_path / "no_ct.nii.gz"),
+                           "--output_dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "no_ct.nii.gz' does not exist" in proc.stderr
+    assert not (tmp_path / "out" / "pretrain").exists()
+
+
+def test_main_job_end_to_end_on_the_phantom(tmp_path):
+    out = tmp_path / "demo"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "demo.py"), "--output_dir", str(out)],
+                          capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    listed = [line.split()[-1] for line in proc.stdout.split("Outputs:")[1].splitlines() if line.startswith("  ")]
+    assert len(listed) >= 10 and all(os.path.exists(p) for p in listed), listed
+    ct = nib.load(out / "data" / "phantom_ct.nii.gz")
+    seg = nib.load(out / "wholebody_seg" / "inference" / "phantom_ct" / "phantom_ct_seg.nii.gz")
+    assert seg.shape == ct.shape and np.allclose(seg.affine, ct.affine, atol=1e-4)
+    labels = np.asarray(seg.dataobj)
+    assert labels.min() >= 0 and labels.max() <= 117
+    with open(out / "retrieval" / "neighbours.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0]["case"] == "phantom_ct" and float(rows[0]["score"]) == pytest.approx(1.0, abs=1e-4)
+    with open(out / "triage" / "pred" / "predictions.csv") as f:
+        prediction = next(csv.DictReader(f))
+    assert 0.0 <= float(prediction["probability_abnormal"]) <= 1.0 and prediction["decision_abnormal"] in ("0", "1")
