@@ -19,12 +19,14 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import BUNDLES_DIR, REPO_ROOT, run_bundle
+from demo import bundle_command
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 from monai.losses import ContrastiveLoss
@@ -122,6 +124,10 @@ def test_intra_sample_ignores_cross_scan_pairs_and_crop_order(pretrain_scripts):
     # permuting the rows (crop order, view order) leaves the loss unchanged
     perm = torch.randperm(12)
     assert loss(z[perm], groups[perm]).item() == pytest.approx(whole.item(), rel=1e-5)
+    # so does permuting the crops of one scan: crops 0, 1, 2 of scan 1 become its crops 2, 0, 1
+    relabelled = groups.clone()
+    relabelled[groups[:, 0] == 1, 1] = (groups[groups[:, 0] == 1, 1] + 2) % 3
+    assert loss(z, relabelled).item() == pytest.approx(whole.item(), rel=1e-5)
     # aligned positive pairs score lower than unrelated views
     aligned = z.clone()
     aligned[1::2] = aligned[0::2] + 0.01 * torch.randn(6, 8)
@@ -209,41 +215,100 @@ def checkpoint_iteration(path: Path) -> int:
     return torch.load(path, map_location="cpu", weights_only=False)["trainer"]["iteration"]
 
 
-def test_training_writes_checkpoints_and_an_encoder_the_other_bundles_load_and_resumes(phantom_data, tmp_path):
+def logged_iterations(log: str) -> list[int]:
+    """The iterations of the monitor's ``iteration N: ... views/s`` lines (``log_interval`` 1)."""
+    return [int(n) for n in re.findall(r"iteration (\d+): [\d.]+ views/s", log)]
+
+
+def run_in_own_group(cmd: list[str], log_path: Path, threads: int | None = None) -> subprocess.Popen:
+    """Start ``cmd`` in its own process group (killed as a whole), its output going to ``log_path``."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1",
+               OMP_NUM_THREADS=str(threads) if threads else os.environ.get("OMP_NUM_THREADS", "2"))
+    with open(log_path, "w") as log:
+        return subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, text=True, env=env,
+                                start_new_session=True)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group of ``proc`` (no orphan workers) and reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def test_training_on_real_ct_and_phantoms_survives_kill_9_and_exports_an_encoder_the_other_bundles_load(
+    pretrain_scripts, phantom_data, shared_data, tmp_path
+):
+    """The real CT of ../shared/data + phantoms + a corrupt file: kill -9 after a checkpoint, rerun, export."""
+    ct = shared_data / "totalseg_example" / "ct_small.nii.gz"
+    datalist = json.loads((phantom_data / "pretrain.json").read_text())
+    datalist["training"].append({"image": str(ct)})
+    (tmp_path / "real_and_phantoms.json").write_text(json.dumps(datalist))
     out = tmp_path / "run"
-    proc = run_bundle(BUNDLE, "train.json", "training", **train_args(phantom_data, out))
-    log = proc.stdout + proc.stderr
     models = out / "models"
-    assert checkpoint_iteration(models / "checkpoint_final_iteration=2.pt") == 2
+    # a long run (50 epochs of 2 iterations, a checkpoint every 2), killed with SIGKILL at its first checkpoint
+    args = train_args(phantom_data, out, datalist=str(tmp_path / "real_and_phantoms.json"), max_epochs=50,
+                      checkpoint_interval=2)
+    killed_log_path = tmp_path / "killed.log"
+    proc = run_in_own_group(bundle_command(BUNDLE, "train.json", "training", **args), killed_log_path)
+    try:
+        deadline = time.monotonic() + 150
+        while not list(models.glob("checkpoint_iteration=*.pt")):  # atomic: a listed checkpoint is complete
+            assert proc.poll() is None, killed_log_path.read_text()[-4000:]
+            assert time.monotonic() < deadline, "no checkpoint after 150 s:\n" + killed_log_path.read_text()[-4000:]
+            time.sleep(0.1)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == -signal.SIGKILL
+    killed_log = killed_log_path.read_text()
+    last = max(logged_iterations(killed_log))
+    saved = max(checkpoint_iteration(p) for p in models.glob("checkpoint_iteration=*.pt"))  # each one loads
+    assert saved % 2 == 0 and 0 <= last - saved <= 2, (saved, last)  # lost at most the checkpoint interval
+    assert not list(models.glob("checkpoint_final_*.pt"))
+    # the real CT went through the preprocessing into the cache the run reads
+    assert len(list((out / "cache").glob("ct_small_*.npy"))) == 1
+    # rerunning the same command (here: told to stop one epoch later) continues the iteration count
+    end = saved + 2
+    proc = run_bundle(BUNDLE, "train.json", "training", **{**args, "max_epochs": end // 2})
+    log = proc.stdout + proc.stderr
+    assert "resuming from" in log and f"checkpoint_iteration={saved}.pt" in log
+    assert logged_iterations(log) == [saved + 1, saved + 2], log[-3000:]
+    assert checkpoint_iteration(models / f"checkpoint_final_iteration={end}.pt") == end
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     # the corrupt scan of the datalist is skipped and counted, not fatal
-    skipped = [int(n) for n in re.findall(r"epoch 1: (\d+) scan\(s\) skipped", log)]
-    assert skipped and skipped[0] >= 1, log[-3000:]
-    assert "corrupt.nii.gz: cannot be read" in log
-    # the exported encoder loads strictly into the whole-body segmentation network, without scripts/
+    skipped = [int(n) for n in re.findall(r"epoch \d+: (\d+) scan\(s\) skipped", killed_log + log)]
+    assert skipped and max(skipped) >= 1, log[-3000:]
+    assert "corrupt.nii.gz: cannot be read" in killed_log + log
+    # the exported encoder is the final one and loads strictly, with no missing key, into every other
+    # bundle's network: whole-body segmentation (SegResNetDS), retrieval (PooledEncoderHead without a
+    # head) and triage (PooledEncoderHead with a 1-logit head: the layout of its TriageClassifier)
     exported = models / "encoder.safetensors"
-    seg = SegResNetDS(init_filters=8, blocks_down=(1, 2, 2, 4, 4), out_channels=118, dsdepth=4)
-    report = enc.load_encoder_weights(seg, exported)
-    assert report.ok and not report.unexpected and len(report.loaded) == len(seg.encoder.state_dict())
     from safetensors import safe_open
 
     with safe_open(str(exported), "pt") as f:
-        assert f.metadata()["init_filters"] == "8" and f.metadata()["iteration"] == "2"
-    state = torch.load(models / "checkpoint_final_iteration=2.pt", map_location="cpu", weights_only=False)
-    for key, value in seg.encoder.state_dict().items():
-        assert torch.equal(value, state["network"]["encoder." + key]), key
-    # rerunning the same command with more epochs continues from the last checkpoint
-    proc = run_bundle(BUNDLE, "train.json", "training", **train_args(phantom_data, out, max_epochs=2))
-    assert "resuming from" in proc.stdout + proc.stderr
-    assert checkpoint_iteration(models / "checkpoint_final_iteration=4.pt") == 4
-    assert "iteration 3:" in proc.stdout + proc.stderr and "iteration 1:" not in proc.stdout + proc.stderr
-    # the `export` run id writes the encoder of a chosen checkpoint
-    chosen = models / "checkpoint_iteration=1.pt"
-    run_bundle(BUNDLE, "train.json", "export", ckpt=str(chosen), ckpt_dir=str(models), init_filters=8,
-               encoder_export=str(tmp_path / "chosen.safetensors"))
+        assert f.metadata()["init_filters"] == "8" and f.metadata()["iteration"] == str(end)
+    state = torch.load(models / f"checkpoint_final_iteration={end}.pt", map_location="cpu", weights_only=False)
+    networks = {
+        "ctfm_wholebody_seg": SegResNetDS(init_filters=8, blocks_down=(1, 2, 2, 4, 4), out_channels=118, dsdepth=4),
+        "ctfm_retrieval": enc.PooledEncoderHead(init_filters=8),
+        "ctfm_triage": enc.PooledEncoderHead(init_filters=8, hidden_features=256, out_features=1),
+    }
+    for name, network in networks.items():
+        report = enc.load_encoder_weights(network, exported)
+        assert report.ok and not report.missing and not report.mismatched and not report.unexpected, name
+        assert len(report.loaded) == len(network.encoder.state_dict()), name
+        for key, value in network.encoder.state_dict().items():
+            assert torch.equal(value, state["network"]["encoder." + key]), (name, key)
+    # the `export` run id writes the encoder of a chosen checkpoint (the one the killed run left); run here
+    # in-process from train.json, as `monai.bundle run export` runs it, to spare a third interpreter start
+    chosen = models / f"checkpoint_iteration={saved}.pt"
+    parse_train(tmp_path, phantom_data, ckpt=str(chosen), ckpt_dir=str(models),
+                encoder_export=str(tmp_path / "chosen.safetensors")).get_parsed_content("export")
     first = enc.read_state_dict(tmp_path / "chosen.safetensors")
     state = torch.load(chosen, map_location="cpu", weights_only=False)["network"]
-    assert set(first) == set(seg.encoder.state_dict())
+    assert set(first) == set(networks["ctfm_retrieval"].encoder.state_dict())
     assert all(torch.equal(first[k], state["encoder." + k]) for k in first)
 
 
@@ -257,11 +322,6 @@ def test_cache_run_id_builds_one_shard_and_skips_finished_items(phantom_data, tm
     assert "'cached': 1" in proc.stdout + proc.stderr and "'skipped': 1" in proc.stdout + proc.stderr
 
 
-@pytest.mark.skipif(
-    os.environ.get("CTFM_DDP_TEST") != "1",
-    reason="the 2-process torchrun run takes ~45 s on 2 shared cores (over this module's budget); "
-    "CTFM_DDP_TEST=1 runs it",
-)
 def test_two_process_ddp_on_cpu_completes(phantom_data, tmp_path):
     """torchrun + gloo on the CPU: DistributedSampler, DDP (no SyncBatchNorm off CUDA), rank-0 outputs."""
     out = tmp_path / "ddp"
@@ -271,20 +331,21 @@ def test_two_process_ddp_on_cpu_completes(phantom_data, tmp_path):
            "-m", "monai.bundle", "run", "training", "--config_file", configs]
     for key, value in args.items():
         cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    # own process group: on a hang, the workers are stopped with torchrun, not left behind
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+    log_path = tmp_path / "ddp.log"
+    # own process group: on a hang, torchrun and both workers are killed, none left behind
+    proc = run_in_own_group(cmd, log_path, threads=1)  # 2 workers, 1 thread each
     try:
-        stdout, stderr = proc.communicate(timeout=150)
+        proc.wait(timeout=120)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"2-process run hung for 150 s:\n{stdout[-3000:]}\n{stderr[-3000:]}")
-    assert proc.returncode == 0, stdout[-4000:] + stderr[-4000:]
+        kill_group(proc)
+        pytest.fail("2-process run hung for 120 s:\n" + log_path.read_text()[-4000:])
+    log = log_path.read_text()
+    assert proc.returncode == 0, log[-6000:]
     assert checkpoint_iteration(out / "models" / "checkpoint_final_iteration=1.pt") == 1
-    assert (out / "models" / "encoder.safetensors").is_file()
+    report = enc.load_encoder_weights(enc.PooledEncoderHead(init_filters=8), out / "models" / "encoder.safetensors")
+    assert report.ok and not report.missing
     assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1  # rank 0 only
+    assert logged_iterations(log) == [1]  # logged by rank 0 only
 
 
 def test_real_ct_nifti_and_dicom_series_enter_the_cache(pretrain_scripts, shared_data, tmp_path):
@@ -319,7 +380,8 @@ def test_loss_falls_on_one_scan(pretrain_scripts, phantom_data, tmp_path):
     torch.manual_seed(0)
     trainer = parser.get_parsed_content("train#trainer")  # the trainer of train.json, without its handlers
     losses = []
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: losses.append(engine.state.output["loss"].item()))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED,
+                              lambda engine: losses.append(engine.state.output["loss"].item()))
     trainer.run()
     assert len(losses) == 30
     # chance level with 4 crops x 2 views: log(7) = 1.95
