@@ -67,8 +67,18 @@ def normalize(vectors: np.ndarray) -> np.ndarray:
 
 
 def default_nlist(count: int) -> int:
-    """IVF list count: about 4 sqrt(N), with at least 39 training vectors per list (FAISS' minimum)."""
-    return int(max(1, min(4 * math.sqrt(count), count // 39)))
+    """IVF list count: about sqrt(N), with at least 39 training vectors per list (FAISS' minimum).
+
+    Fewer lists than the common 4 sqrt(N) train much faster (k-means cost ~ lists x training
+    vectors); each probed list holds more vectors, so fewer probes reach a given recall.
+    docs/BENCHMARKS.md has the measurements.
+    """
+    return int(max(1, min(round(math.sqrt(count)), count // 39)))
+
+
+def default_train_size(count: int, nlist: int) -> int:
+    """IVF training vectors: 64 per list (FAISS warns below 39), at most all of them."""
+    return int(min(count, 64 * nlist))
 
 
 def make_index(
@@ -77,8 +87,10 @@ def make_index(
     exact_max: int = 10000,
     large_index: str = "ivf",
     nlist: int = 0,
-    nprobe: int = 16,
+    train_size: int = 0,
+    nprobe: int = 8,
     hnsw_m: int = 32,
+    ef_construction: int = 40,
     ef_search: int = 128,
 ):
     """Build a FAISS inner-product index over normalised ``vectors``.
@@ -88,8 +100,10 @@ def make_index(
         exact_max: up to this many vectors the index is exact (``IndexFlatIP``).
         large_index: ``ivf`` or ``hnsw`` above ``exact_max``.
         nlist: IVF lists (0: :func:`default_nlist`).
+        train_size: IVF k-means training vectors, a random subsample (0: :func:`default_train_size`).
         nprobe: IVF lists searched per query.
         hnsw_m: HNSW neighbours per node.
+        ef_construction: HNSW build depth.
         ef_search: HNSW search depth.
 
     Returns:
@@ -104,16 +118,24 @@ def make_index(
         nlist = int(nlist) or default_nlist(count)
         quantizer = faiss.IndexFlatIP(dim)
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        train_size = min(count, int(train_size) or default_train_size(count, nlist))
         train = vectors
-        if count > 256 * nlist:  # FAISS uses at most 256 vectors per list to train anyway
-            train = vectors[np.random.default_rng(0).choice(count, 256 * nlist, replace=False)]
+        if count > train_size:
+            rows = np.sort(np.random.default_rng(0).choice(count, train_size, replace=False))
+            train = vectors[rows]
         index.train(train)
         index.nprobe = int(nprobe)
-        params = {"kind": "ivf", "nlist": nlist, "nprobe": int(nprobe)}
+        params = {"kind": "ivf", "nlist": nlist, "train_size": int(len(train)), "nprobe": int(nprobe)}
     elif large_index == "hnsw":
         index = faiss.IndexHNSWFlat(dim, int(hnsw_m), faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = int(ef_construction)
         index.hnsw.efSearch = int(ef_search)
-        params = {"kind": "hnsw", "hnsw_m": int(hnsw_m), "ef_search": int(ef_search)}
+        params = {
+            "kind": "hnsw",
+            "hnsw_m": int(hnsw_m),
+            "ef_construction": int(ef_construction),
+            "ef_search": int(ef_search),
+        }
     else:
         raise ValueError(f"large_index must be 'ivf' or 'hnsw', got '{large_index}'")
     index.add(vectors)
@@ -202,8 +224,10 @@ def build_index(
     exact_max: int = 10000,
     large_index: str = "ivf",
     nlist: int = 0,
-    nprobe: int = 16,
+    train_size: int = 0,
+    nprobe: int = 8,
     hnsw_m: int = 32,
+    ef_construction: int = 40,
     ef_search: int = 128,
 ) -> dict:
     """Build (or with ``add`` extend) the persisted index over the stored embeddings.
@@ -213,7 +237,8 @@ def build_index(
         index_dir: where ``index.faiss``, ``ids.csv`` and ``index.json`` go.
         add: add only the cases not yet indexed to the existing index (incremental); without an
             index yet, build one.
-        exact_max, large_index, nlist, nprobe, hnsw_m, ef_search: see :func:`make_index`.
+        exact_max, large_index, nlist, train_size, nprobe, hnsw_m, ef_construction, ef_search:
+            see :func:`make_index`.
 
     Returns:
         The index metadata (as written to ``index.json``).
@@ -255,8 +280,10 @@ def build_index(
             exact_max=int(exact_max),
             large_index=large_index,
             nlist=int(nlist),
+            train_size=int(train_size),
             nprobe=int(nprobe),
             hnsw_m=int(hnsw_m),
+            ef_construction=int(ef_construction),
             ef_search=int(ef_search),
         )
         meta = dict(
