@@ -8,13 +8,15 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Ignite handlers MONAI lacks: atomic best/last checkpoints, and freezing the encoder."""
+"""Ignite helpers MONAI lacks: freezing the encoder, and the inputs of the training Dice."""
 
 from __future__ import annotations
 
 import logging
 
+import torch
 from ignite.engine import Engine, Events
+from monai.networks.utils import one_hot
 from torch import nn
 
 from .ctfm_common.encoder import encoder_of
@@ -48,3 +50,25 @@ class FreezeEncoder:
             param.requires_grad_(not frozen)
         if engine.state.epoch in (1, self.epochs, self.epochs + 1):
             logger.info(f"epoch {engine.state.epoch}: encoder {'frozen' if frozen else 'trainable'}")
+
+
+def train_dice_inputs(output: dict, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(prediction, label)`` one-hot batches for MONAI's ``MeanDice`` on the trainer's output.
+
+    The trainer's ``pred`` is the list of deep-supervision outputs (full resolution first); the
+    training Dice scores its argmax against the (augmented) label of the same patches.
+
+    Args:
+        output: the trainer's ``engine.state.output`` (``pred``, ``label``).
+        num_classes: output channels.
+
+    Returns:
+        One-hot prediction and label, both ``(B, num_classes, ...)``.
+    """
+    pred = output["pred"]
+    if isinstance(pred, (list, tuple)):
+        pred = pred[0]
+    with torch.no_grad():
+        y_pred = one_hot(pred.detach().argmax(1, keepdim=True), num_classes)
+        y = one_hot(output["label"].detach().long(), num_classes)
+    return y_pred, y

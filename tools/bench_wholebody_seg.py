@@ -1,0 +1,311 @@
+# Copyright (c) CT-FM bundles contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Benchmark ctfm_wholebody_seg inference end to end against a plain MONAI pipeline.
+
+Seconds per volume from reading the file to writing the label map (read -> preprocess ->
+sliding-window inference -> invert -> write) and the peak resident memory (RSS) of each
+pipeline, measured in one run, each pipeline in its own subprocess (so one's peak does not
+hide the other's):
+
+- ``plain``: plain MONAI as the CT-FM reference writes it: ``LoadImaged``,
+  ``EnsureChannelFirstd``, ``Orientationd`` SPL, ``Spacingd``, ``ScaleIntensityRanged``,
+  ``SlidingWindowInferer`` (Gaussian, float32 stitching), softmax, argmax, ``Invertd``,
+  ``SaveImaged``, under ``torch.no_grad``;
+- ``bundle``: the bundle's ``configs/inference.json`` (``run``) with the same network
+  settings (CSV and PNG outputs off, so both write only the label map);
+- ``fast``: the bundle with ``--preset fast``.
+
+The same randomly initialised ``SegResNetDS`` weights (seeded) are loaded by every pipeline:
+the benchmark measures speed and memory, not accuracy. The input is a synthetic body CT
+(``tools/phantom.py``) of the given shape and spacing, unless ``image`` names a CT.
+
+For the fast preset the benchmark also reports ``resolution_ceiling_dice``: per structure,
+the Dice of the phantom's 1.5 mm labels against the same labels resampled to the preset's
+spacing and back (nearest). It bounds what resolution alone costs; it says nothing about
+how well a network does at that spacing.
+
+CLI::
+
+    python tools/bench_wholebody_seg.py bench --output bench.json                     # issue's CPU size
+    python tools/bench_wholebody_seg.py bench --shape 96,96,96 --init_filters 8        # quick
+    python tools/bench_wholebody_seg.py bench --pipelines plain,bundle --overlap 0.625 # reference overlap
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import fire
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUNDLE_ROOT = REPO_ROOT / "bundles" / "ctfm_wholebody_seg"
+RESULT_TAG = "BENCH_RESULT "
+
+
+def _as_list(value: str | Sequence, cast: type = str) -> list:
+    if isinstance(value, str):
+        value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
+    return [cast(v.strip() if isinstance(v, str) else v) for v in value]
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
+
+
+def _network(init_filters: int, num_classes: int):
+    from monai.networks.nets import SegResNetDS
+
+    return SegResNetDS(spatial_dims=3, in_channels=1, out_channels=num_classes, init_filters=init_filters,
+                       blocks_down=[1, 2, 2, 4, 4], dsdepth=4)
+
+
+def _plain(*, image: str, weights: str, output_dir: str, init_filters: int, num_classes: int, spacing: list,
+           roi_size: list, sw_batch_size: int, overlap: float) -> float:
+    """Plain MONAI pipeline; returns the seconds from read to write."""
+    import numpy as np
+    import torch
+    from monai.inferers import SlidingWindowInferer
+    from monai.transforms import (Activationsd, AsDiscreted, Compose, EnsureChannelFirstd, Invertd, LoadImaged,
+                                  Orientationd, SaveImaged, ScaleIntensityRanged, Spacingd)
+
+    network = _network(init_filters, num_classes)
+    network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    network.eval()
+    pre = Compose([
+        LoadImaged(keys="image", image_only=True),
+        EnsureChannelFirstd(keys="image"),
+        Orientationd(keys="image", axcodes="SPL"),
+        Spacingd(keys="image", pixdim=spacing, mode="bilinear"),
+        ScaleIntensityRanged(keys="image", a_min=-1024, a_max=2048, b_min=0.0, b_max=1.0, clip=True),
+    ])
+    post = Compose([
+        Activationsd(keys="pred", softmax=True),
+        AsDiscreted(keys="pred", argmax=True),
+        Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=True, to_tensor=True),
+        SaveImaged(keys="pred", output_dir=output_dir, output_postfix="seg", output_dtype=np.uint8, resample=False,
+                   separate_folder=False, print_log=False),
+    ])
+    inferer = SlidingWindowInferer(roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian")
+    start = time.perf_counter()
+    with torch.no_grad():
+        data = pre({"image": image})
+        data["pred"] = inferer(data["image"].unsqueeze(0), network)[0]
+        post(data)
+    return time.perf_counter() - start
+
+
+def _bundle(*, image: str, weights: str, output_dir: str, init_filters: int, num_classes: int, preset: str,
+            overrides: dict) -> float:
+    """The bundle's inference.json ``run``; returns the seconds from read to write."""
+    from monai.bundle import ConfigParser
+
+    sys.path.insert(0, str(BUNDLE_ROOT))
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE_ROOT / "configs" / "inference.json"))
+    parser.update({"input": image, "output_dir": output_dir, "ckpt": weights, "init_filters": init_filters,
+                   "num_classes": num_classes, "preset": preset, "save_csv": False, "save_preview": False,
+                   **overrides})
+    parser.parse()
+    parser.get_parsed_content("network")  # built (and its weights allocated) before the clock starts
+    start = time.perf_counter()
+    parser.get_parsed_content("run")
+    return time.perf_counter() - start
+
+
+def run_pipeline(*, pipeline: str, image: str, weights: str, output_dir: str, init_filters: int = 32,
+                 num_classes: int = 118, spacing: str | Sequence[float] = "1.5,1.5,1.5",
+                 roi_size: str | Sequence[int] = "96,160,160", sw_batch_size: int = 2, overlap: float = 0.625,
+                 threads: int = 2) -> dict:
+    """Run one pipeline on one image in this process and print its result (the subprocess side).
+
+    Args:
+        pipeline: ``plain``, ``bundle`` or ``fast``.
+        image: the CT to segment.
+        weights: state dict of the ``SegResNetDS`` (torch file).
+        output_dir: where the label map goes.
+        init_filters: network width.
+        num_classes: output channels.
+        spacing: resampling spacing (mm) of ``plain`` and ``bundle``; ``fast`` uses its preset's.
+        roi_size: sliding-window size of ``plain`` and ``bundle``; ``fast`` uses its preset's.
+        sw_batch_size: windows per network call.
+        overlap: sliding-window overlap of ``plain`` and ``bundle``; ``fast`` uses its preset's.
+        threads: torch intra-op threads.
+
+    Returns:
+        ``{"pipeline", "seconds", "peak_rss_gb", "output"}`` (also printed after ``BENCH_RESULT``).
+    """
+    import torch
+
+    torch.set_num_threads(int(threads))
+    spacing, roi_size = _as_list(spacing, float), _as_list(roi_size, int)
+    if pipeline == "plain":
+        seconds = _plain(image=image, weights=weights, output_dir=output_dir, init_filters=init_filters,
+                         num_classes=num_classes, spacing=spacing, roi_size=roi_size, sw_batch_size=sw_batch_size,
+                         overlap=overlap)
+    elif pipeline == "bundle":
+        seconds = _bundle(image=image, weights=weights, output_dir=output_dir, init_filters=init_filters,
+                          num_classes=num_classes, preset="full",
+                          overrides={"spacing": spacing, "roi_size": roi_size, "sw_batch_size": sw_batch_size,
+                                     "overlap": overlap})
+    elif pipeline == "fast":
+        seconds = _bundle(image=image, weights=weights, output_dir=output_dir, init_filters=init_filters,
+                          num_classes=num_classes, preset="fast", overrides={})
+    else:
+        raise ValueError(f"unknown pipeline {pipeline!r}: use plain, bundle or fast")
+    outputs = sorted(str(p) for p in Path(output_dir).rglob("*_seg.nii.gz"))
+    result = {"pipeline": pipeline, "seconds": round(seconds, 2), "peak_rss_gb": round(_peak_rss_gb(), 2),
+              "output": outputs[0] if outputs else None}
+    print(RESULT_TAG + json.dumps(result), flush=True)
+    return result
+
+
+def resolution_ceiling_dice(labels_path: str, spacing: Sequence[float], coarse_spacing: Sequence[float]) -> dict:
+    """Dice per structure of a label map against itself resampled to ``coarse_spacing`` and back.
+
+    Args:
+        labels_path: label map (NIfTI).
+        spacing: its spacing (mm).
+        coarse_spacing: the coarser spacing (mm).
+
+    Returns:
+        ``{"per_label": {index: dice}, "mean": mean over structures}``.
+    """
+    import nibabel as nib
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    labels = np.asarray(nib.load(labels_path).dataobj).astype(np.int64)
+    t = torch.from_numpy(labels)[None, None].float()
+    coarse = [max(1, round(n * s / c)) for n, s, c in zip(labels.shape, spacing, coarse_spacing)]
+    back = F.interpolate(F.interpolate(t, size=coarse, mode="nearest"), size=labels.shape, mode="nearest")
+    back = back[0, 0].numpy().astype(np.int64)
+    per_label = {}
+    for index in np.unique(labels):
+        if index == 0:
+            continue
+        a, b = labels == index, back == index
+        per_label[int(index)] = round(float(2 * (a & b).sum() / (a.sum() + b.sum())), 4)
+    return {"per_label": per_label, "mean": round(float(np.mean(list(per_label.values()))), 4)}
+
+
+def bench_wholebody_seg(
+    *,
+    shape: str | Sequence[int] = "223,201,243",
+    spacing: float = 1.5,
+    image: str = "",
+    init_filters: int = 32,
+    num_classes: int = 118,
+    roi_size: str | Sequence[int] = "96,160,160",
+    sw_batch_size: int = 2,
+    overlap: float = 0.25,
+    pipelines: str | Sequence[str] = "bundle,fast,plain",
+    threads: int = 2,
+    seed: int = 0,
+    workdir: str = "",
+    output: str = "",
+    timeout_s: int = 3600,
+) -> dict:
+    """Time the plain MONAI and the bundle's inference on the same CT with the same weights.
+
+    Args:
+        shape: voxel counts of the synthetic body CT (R, A, S), used when ``image`` is empty.
+        spacing: isotropic voxel size (mm) of the synthetic CT and the resampling spacing of
+            ``plain`` and ``bundle`` (the fast preset uses its own).
+        image: a CT to use instead of the synthetic one.
+        init_filters: network width (32 = the released model).
+        num_classes: output channels (118 = TotalSegmentator v2 + background).
+        roi_size: sliding-window size.
+        sw_batch_size: windows per network call.
+        overlap: sliding-window overlap of ``plain`` and ``bundle`` (the issue's CPU figure: 0.25;
+            the reference inference setting: 0.625).
+        pipelines: comma-separated subset of ``bundle,fast,plain``, run in that order.
+        threads: torch intra-op threads of each pipeline.
+        seed: seeds the phantom and the random network weights.
+        workdir: folder for the CT, weights and outputs (default: a temporary folder).
+        output: JSON file for the results (optional).
+        timeout_s: per-pipeline time limit.
+
+    Returns:
+        ``{"settings", "results": [{"pipeline", "seconds", "peak_rss_gb", ...}], ...}``.
+    """
+    import torch
+
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
+    import phantom
+
+    work = Path(workdir or tempfile.mkdtemp(prefix="bench_wholebody_seg_"))
+    work.mkdir(parents=True, exist_ok=True)
+    labels_path = ""
+    if not image:
+        shape = tuple(_as_list(shape, int))
+        ct, labels, affine = phantom.make_body_phantom(shape=shape, spacing=float(spacing), seed=seed)
+        image, labels_path = str(work / "ct.nii.gz"), str(work / "ct_labels.nii.gz")
+        phantom.save_phantom(ct, labels, affine, image_path=image, label_path=labels_path)
+    torch.manual_seed(seed)
+    weights = str(work / "random_init_weights.pt")
+    torch.save(_network(int(init_filters), int(num_classes)).state_dict(), weights)
+    settings = {"image": image, "shape": list(shape) if labels_path else "from the image", "spacing_mm": spacing,
+                "init_filters": init_filters, "num_classes": num_classes, "roi_size": _as_list(roi_size, int),
+                "sw_batch_size": sw_batch_size, "overlap": overlap, "threads": threads,
+                "weights": "random init (speed and memory only)"}
+    results = []
+    for pipeline in _as_list(pipelines):
+        out_dir = work / f"out_{pipeline}"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "pipeline", f"--pipeline={pipeline}",
+               f"--image={image}", f"--weights={weights}", f"--output_dir={out_dir}", f"--init_filters={init_filters}",
+               f"--num_classes={num_classes}", f"--spacing={','.join(str(float(spacing)) for _ in range(3))}",
+               f"--roi_size={','.join(str(v) for v in _as_list(roi_size, int))}", f"--sw_batch_size={sw_batch_size}",
+               f"--overlap={overlap}", f"--threads={threads}"]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(BUNDLE_ROOT)}
+        print(f"running {pipeline} ...", flush=True)
+        wall = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_TAG)]
+        if proc.returncode or not lines:
+            result = {"pipeline": pipeline, "error": (proc.stderr or proc.stdout)[-2000:]}
+        else:
+            result = json.loads(lines[-1][len(RESULT_TAG):])
+            result["process_wall_s"] = round(time.perf_counter() - wall, 2)
+        print(json.dumps(result), flush=True)
+        results.append(result)
+    report: dict = {"settings": settings, "results": results}
+    if labels_path and "fast" in _as_list(pipelines):
+        fast_spacing = FAST_PRESET_SPACING
+        report["fast_resolution_ceiling_dice"] = {
+            "spacing_mm": list(fast_spacing),
+            **resolution_ceiling_dice(labels_path, [float(spacing)] * 3, fast_spacing),
+        }
+    by_name = {r["pipeline"]: r for r in results if "seconds" in r}
+    if "plain" in by_name and "bundle" in by_name:
+        report["bundle_speedup"] = round(by_name["plain"]["seconds"] / by_name["bundle"]["seconds"], 2)
+        report["bundle_memory_ratio"] = round(by_name["bundle"]["peak_rss_gb"] / by_name["plain"]["peak_rss_gb"], 2)
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(output).with_name(f".tmp{os.getpid()}_{Path(output).name}")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, output)
+    return report
+
+
+FAST_PRESET_SPACING = (3.0, 3.0, 3.0)  # keep in step with "presets" in configs/inference.json
+
+
+if __name__ == "__main__":
+    fire.Fire({"bench": bench_wholebody_seg, "pipeline": run_pipeline})
