@@ -46,6 +46,8 @@ import fire
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+from ctfm_common.runtime import atomic_write_text  # noqa: E402
 BUNDLE_ROOT = REPO_ROOT / "bundles" / "ctfm_pretrain"
 
 
@@ -241,11 +243,7 @@ def benchmark_pretrain(
         "speedup": round(ours["crops_per_s"] / plain["crops_per_s"], 2),
     }
     if output:
-        path = Path(output)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_file = path.with_name(f".{path.name}.tmp")
-        tmp_file.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp_file, path)
+        atomic_write_text(output, json.dumps(result, indent=2) + "\n")
     return result
 
 

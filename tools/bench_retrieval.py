@@ -48,6 +48,8 @@ import fire
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+from ctfm_common.runtime import atomic_write_text  # noqa: E402
 BUNDLE_ROOT = REPO_ROOT / "bundles" / "ctfm_retrieval"
 
 logger = logging.getLogger("bench_retrieval")
@@ -287,11 +289,7 @@ def benchmark_retrieval(
         "results": results,
     }
     if output:
-        path = Path(output)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_file = path.with_name(f".{path.name}.tmp")
-        tmp_file.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp_file, path)
+        atomic_write_text(output, json.dumps(result, indent=2) + "\n")
     return result
 
 

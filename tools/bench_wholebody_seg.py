@@ -54,6 +54,8 @@ from pathlib import Path
 import fire
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+from ctfm_common.runtime import atomic_write_text  # noqa: E402
 BUNDLE_ROOT = REPO_ROOT / "bundles" / "ctfm_wholebody_seg"
 RESULT_TAG = "BENCH_RESULT "
 
@@ -297,10 +299,7 @@ def bench_wholebody_seg(
         report["bundle_speedup"] = round(by_name["plain"]["seconds"] / by_name["bundle"]["seconds"], 2)
         report["bundle_memory_ratio"] = round(by_name["bundle"]["peak_rss_gb"] / by_name["plain"]["peak_rss_gb"], 2)
     if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(output).with_name(f".tmp{os.getpid()}_{Path(output).name}")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, output)
+        atomic_write_text(output, json.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 import os
 import random
 from concurrent.futures import ProcessPoolExecutor
@@ -46,6 +47,8 @@ from pathlib import Path
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+from ctfm_common.runtime import atomic_write, atomic_write_text, resolve_shard, shard_items  # noqa: E402
 DEFAULT_LABELS = REPO_ROOT / "bundles" / "ctfm_wholebody_seg" / "configs" / "metadata.json"
 SPLITS = {"train": "training", "val": "validation", "test": "testing"}
 
@@ -57,13 +60,6 @@ def read_label_names(path: str | os.PathLike = DEFAULT_LABELS) -> dict[int, str]
         content = content["network_data_format"]["outputs"]["pred"]["channel_def"]
     content = content.get("labels", content)
     return {int(k): str(v) for k, v in content.items()}
-
-
-def _shard_default(name: str, fallbacks: tuple[str, ...], default: int) -> int:
-    for var in (name, *fallbacks):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return default
 
 
 def convert_case(case_dir: str | os.PathLike, label_path: str | os.PathLike, names: dict[int, str]) -> dict:
@@ -101,13 +97,7 @@ def convert_case(case_dir: str | os.PathLike, label_path: str | os.PathLike, nam
     out = nib.Nifti1Image(labels, ct.affine)
     out.set_qform(ct.affine, code=1)
     out.set_sform(ct.affine, code=1)
-    label_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = label_path.with_name(f".tmp{os.getpid()}_{label_path.name}")
-    try:
-        nib.save(out, str(tmp))
-        os.replace(tmp, label_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(label_path, lambda tmp: nib.save(out, str(tmp)))
     return {"case": case_dir.name, "structures": found, "skipped": False}
 
 
@@ -153,9 +143,8 @@ def totalseg_to_datalist(
     cases = sorted(p.parent for p in source.glob("*/ct.nii.gz"))
     if not cases:
         raise FileNotFoundError(f"{source}: no <case>/ct.nii.gz found (expected the TotalSegmentator layout)")
-    shard_index = _shard_default("RANK", ("SLURM_ARRAY_TASK_ID",), 0) if shard_index is None else shard_index
-    num_shards = _shard_default("WORLD_SIZE", ("SLURM_ARRAY_TASK_COUNT",), 1) if num_shards is None else num_shards
-    mine = cases[shard_index::num_shards]
+    shard_index, num_shards = resolve_shard(shard_index, num_shards)
+    mine = shard_items(cases, shard_index, num_shards)
     with ProcessPoolExecutor(max_workers=num_workers or os.cpu_count()) as pool:
         futures = [pool.submit(convert_case, c, target / "labelsTr" / f"{c.name}.nii.gz", names) for c in mine]
         try:
@@ -177,11 +166,7 @@ def totalseg_to_datalist(
         section = splits.get(case.name) or ("validation" if case.name in random_val else "training")
         datalist[section].append({"image": os.path.relpath(case / "ct.nii.gz", target),
                                   "label": f"labelsTr/{case.name}.nii.gz"})
-    path = target / datalist_name
-    target.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp{os.getpid()}_{path.name}")
-    tmp.write_text(json.dumps(datalist, indent=2) + "\n")
-    os.replace(tmp, path)
+    path = atomic_write_text(target / datalist_name, json.dumps(datalist, indent=2) + "\n")
     return str(path)
 
 

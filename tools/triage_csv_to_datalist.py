@@ -33,12 +33,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 from types import ModuleType
 
-DATALIST_MODULE = Path(__file__).resolve().parents[1] / "bundles" / "ctfm_triage" / "scripts" / "datalist.py"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATALIST_MODULE = REPO_ROOT / "bundles" / "ctfm_triage" / "scripts" / "datalist.py"
+sys.path.insert(0, str(REPO_ROOT))
+from ctfm_common.runtime import atomic_write_text  # noqa: E402
 
 
 def _datalist_module() -> ModuleType:
@@ -82,14 +84,7 @@ def triage_csv_to_datalist(
     module = _datalist_module()
     datalist = module.csv_to_datalist(csv, dataset_dir=dataset_dir, validation_fraction=validation_fraction,
                                       testing_fraction=testing_fraction, seed=seed)
-    path = Path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(datalist, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    path = atomic_write_text(output, json.dumps(datalist, indent=2) + "\n")
     summary = {"output": str(path), "label_names": list(datalist["labels"].values()),
                **{section: len(datalist[section]) for section in module.SECTIONS}}
     print(json.dumps(summary))

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .ctfm_common.runtime import atomic_write
+
 VERSION = "0.2.0"
 logger = logging.getLogger("ctfm_wholebody_seg")
 
@@ -163,12 +165,4 @@ def write_dicom_seg(
         device_serial_number="0",
         series_description="CT-FM whole-body segmentation (research use only)",
     )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp{os.getpid()}_{path.name}")
-    try:
-        seg.save_as(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: seg.save_as(str(tmp)))

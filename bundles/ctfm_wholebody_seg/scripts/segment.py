@@ -36,7 +36,7 @@ from torch import nn
 
 from .ctfm_common import encoder as shared_encoder
 from .ctfm_common.inputs import case_name
-from .ctfm_common.runtime import as_bool
+from .ctfm_common.runtime import as_bool, atomic_write
 from .labels import read_label_names
 
 logger = logging.getLogger("ctfm_wholebody_seg")
@@ -100,10 +100,6 @@ def case_names(paths: Sequence[str]) -> list[str]:
     return [f"{Path(p).parent.name}_{n}" if counts[n] > 1 else n for p, n in zip(paths, names)]
 
 
-def _atomic_path(path: Path) -> Path:
-    return path.with_name(f".tmp{os.getpid()}_{path.name}")  # keeps the suffix (nibabel reads it)
-
-
 def write_label_map(labels: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> Path:
     """Write a label map as NIfTI (uint8, or int16 above 255 classes), atomically."""
     import nibabel as nib
@@ -115,25 +111,12 @@ def write_label_map(labels: np.ndarray, affine: np.ndarray, path: str | os.PathL
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
     img.header.set_xyzt_units("mm")
-    tmp = _atomic_path(path)
-    try:
-        nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: nib.save(img, str(tmp)))
 
 
 def write_bytes_atomic(data: bytes, path: Path) -> Path:
     """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _atomic_path(path)
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def structure_table(
