@@ -99,12 +99,9 @@ def occlusion_saliency(
     # MONAI 1.6 returns (B, outputs, D, H, W); older releases put the outputs last
     occ_map = occ_map[0] if occ_map.shape[2:] == data.shape[2:] else occ_map[0, ..., 0]
     saliency = (1.0 - occ_map.reshape(1, *data.shape[2:])).cpu()
-    map_pre = image.clone()
-    map_pre.set_array(saliency)
-    restored = preprocessing.inverse({"image": map_pre})["image"]
     name = case_name(str(input).rstrip("/\\"))
     nifti = out_dir / f"{name}_saliency.nii.gz"
-    array, affine, source = save_map_on_input_grid(restored, input, nifti)
+    array, affine, source = save_map_on_input_grid(saliency, image, preprocessing, input, nifti)
     peak = np.unravel_index(int(np.argmax(array)), array.shape)
     save_overlay_png(
         source,

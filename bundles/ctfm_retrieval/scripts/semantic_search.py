@@ -86,14 +86,25 @@ def hit_rate_inside_mask(
 
 
 def save_map_on_input_grid(
-    restored: torch.Tensor, source: str, path: Path
+    values: torch.Tensor, image: torch.Tensor, preprocessing: Callable, source: str, path: Path
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Write a map already inverted onto ``source``'s grid as NIfTI with the source's affine, atomically.
+    """Invert a map made on the preprocessed grid back onto ``source``'s grid and write it as NIfTI.
+
+    Args:
+        values: the map, shaped like the preprocessed ``image`` (channel first).
+        image: the preprocessed image (a MetaTensor that records its transforms).
+        preprocessing: the invertible transforms that made ``image`` from ``source``.
+        source: the input file or DICOM folder.
+        path: the NIfTI to write (atomically), with the source's affine.
 
     Returns:
         ``(map array, affine, source image array)`` for plotting.
     """
     import nibabel as nib
+
+    map_pre = image.clone()
+    map_pre.set_array(values)
+    restored = preprocessing.inverse({"image": map_pre})["image"]
 
     original = nib.load(source) if Path(source).is_file() and str(source).endswith((".nii", ".nii.gz")) else None
     affine = original.affine if original is not None else np.asarray(restored.affine, dtype=np.float64)
@@ -220,12 +231,9 @@ def semantic_search(
     upsampled = F.interpolate(
         similarity[None, None], size=tuple(image.shape[1:]), mode="trilinear", align_corners=False
     )[0]
-    map_pre = image.clone()
-    map_pre.set_array(upsampled)
-    restored = preprocessing.inverse({"image": map_pre})["image"]
     name = case_name(str(target).rstrip("/\\"))
     nifti_path = out_dir / f"{name}_similarity.nii.gz"
-    map_array, affine, target_image = save_map_on_input_grid(restored, target, nifti_path)
+    map_array, affine, target_image = save_map_on_input_grid(upsampled, image, preprocessing, target, nifti_path)
 
     summary = {
         "target": str(target),
