@@ -135,8 +135,8 @@ def test_every_bundle_declares_the_contract_encoder(bundle, bundle_path_cleanup)
     assert sum(p.numel() for p in encoder.parameters()) == 77_760_992
 
 
-class HubEncoder(SegResEncoder):
-    """A SegResEncoder saved the way the public CT-FM feature extractor is (PyTorchModelHubMixin)."""
+class NotATensor:
+    """An arbitrary class: a pickle referencing it must be refused by ``weights_only=True``."""
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +217,7 @@ def test_bad_weight_files_give_clear_errors(tmp_path):
     with pytest.raises(enc.EncoderWeightsError, match="no encoder weights found"):
         enc.load_encoder_weights(enc.build_encoder(init_filters=8), tmp_path / "other.pt")
     # a pickle holding arbitrary objects is refused by weights_only=True
-    torch.save({"weights": torch.zeros(1), "obj": HubEncoder}, tmp_path / "pickled.pt")
+    torch.save({"weights": torch.zeros(1), "obj": NotATensor}, tmp_path / "pickled.pt")
     with pytest.raises(enc.EncoderWeightsError, match="weights_only=True"):
         enc.read_state_dict(tmp_path / "pickled.pt")
     with pytest.raises(FileNotFoundError, match="neither an existing file"):

@@ -73,24 +73,16 @@ def scans(tmp_path_factory, request) -> dict:
     """Two body and two head phantoms, a corrupt file, ct_small when available, and encoder weights."""
     root = tmp_path_factory.mktemp("retrieval")
     (root / "scans").mkdir()
-    for i, name in enumerate(BODY):
-        phantom.write_phantom(
-            output=str(root / "scans" / f"{name}.nii.gz"),
-            kind="body",
-            shape=(40, 40, 16),
-            spacing=(3.0, 3.0, 3.0),
-            seed=i,
-            label_output=str(root / f"{name}_labels.nii.gz"),
-        )
-    for i, name in enumerate(HEAD):
-        phantom.write_phantom(
-            output=str(root / "scans" / f"{name}.nii.gz"),
-            kind="head",
-            shape=(40, 40, 16),
-            spacing=(3.0, 3.0, 3.0),
-            seed=i,
-            label_output=str(root / f"{name}_labels.nii.gz"),
-        )
+    for kind, names in (("body", BODY), ("head", HEAD)):
+        for i, name in enumerate(names):
+            phantom.write_phantom(
+                output=str(root / "scans" / f"{name}.nii.gz"),
+                kind=kind,
+                shape=(40, 40, 16),
+                spacing=(3.0, 3.0, 3.0),
+                seed=i,
+                label_output=str(root / f"{name}_labels.nii.gz"),
+            )
     (root / "scans" / "broken.nii.gz").write_bytes(b"not a nifti file")
     real = SHARED_DATA / "totalseg_example" / "ct_small.nii.gz"
     if real.is_file():
