@@ -212,7 +212,7 @@ def train_args(data: Path, out: Path, **overrides) -> dict:
 
 
 def checkpoint_iteration(path: Path) -> int:
-    return torch.load(path, map_location="cpu", weights_only=False)["trainer"]["iteration"]
+    return torch.load(path, map_location="cpu", weights_only=True)["trainer"]["iteration"]
 
 
 def logged_iterations(log: str) -> list[int]:
@@ -289,7 +289,7 @@ def test_training_on_real_ct_and_phantoms_survives_kill_9_and_exports_an_encoder
 
     with safe_open(str(exported), "pt") as f:
         assert f.metadata()["init_filters"] == "8" and f.metadata()["iteration"] == str(end)
-    state = torch.load(models / f"checkpoint_final_iteration={end}.pt", map_location="cpu", weights_only=False)
+    state = torch.load(models / f"checkpoint_final_iteration={end}.pt", map_location="cpu", weights_only=True)
     networks = {
         "ctfm_wholebody_seg": SegResNetDS(init_filters=8, blocks_down=(1, 2, 2, 4, 4), out_channels=118, dsdepth=4),
         "ctfm_retrieval": enc.PooledEncoderHead(init_filters=8),
@@ -307,7 +307,7 @@ def test_training_on_real_ct_and_phantoms_survives_kill_9_and_exports_an_encoder
     parse_train(tmp_path, phantom_data, ckpt=str(chosen), ckpt_dir=str(models),
                 encoder_export=str(tmp_path / "chosen.safetensors")).get_parsed_content("export")
     first = enc.read_state_dict(tmp_path / "chosen.safetensors")
-    state = torch.load(chosen, map_location="cpu", weights_only=False)["network"]
+    state = torch.load(chosen, map_location="cpu", weights_only=True)["network"]
     assert set(first) == set(networks["ctfm_retrieval"].encoder.state_dict())
     assert all(torch.equal(first[k], state["encoder." + k]) for k in first)
 

@@ -72,6 +72,7 @@ from ctfm_common.runtime import (  # noqa: E402, F401  (shared with the bundles:
     resolve_shard,
     shard_items,
 )
+from ctfm_common.validate import GEOMETRY_TOLERANCES, read_dicom_headers, series_problem  # noqa: E402, F401
 
 # ---------------------------------------------------------------------------------------
 # Registries (data only: the CLI, the documentation and the tests all read these).
@@ -123,15 +124,7 @@ IDC_CITATION = (
     "RadioGraphics 2023;43(12):e230180. https://doi.org/10.1148/rg.230180"
 )
 
-#: Geometry tolerances used by :func:`check_series_geometry`.
-GEOMETRY_TOLERANCES: dict[str, float] = {
-    "orientation": 1e-4,  # max difference between direction cosines of two instances
-    "pixel_spacing_mm": 1e-3,
-    "duplicate_position_mm": 1e-2,  # two instances closer than this share a position
-    "relative_slice_spacing": 0.01,  # max |interval - median| / median (as IDC's volume_geometry_index)
-    "missing_slice_factor": 1.5,  # an interval above this many median spacings is a gap
-    "tilt_degrees": 0.1,  # max shear of the slice stack (and max GantryDetectorTilt)
-}
+#: Geometry tolerances used by :func:`check_series_geometry`: ``ctfm_common.validate.GEOMETRY_TOLERANCES``.
 
 
 # ---------------------------------------------------------------------------------------
@@ -680,44 +673,12 @@ def download(
 
 
 def read_headers(folder: str | os.PathLike) -> list[dict[str, Any]]:
-    """The geometry-relevant header fields of every DICOM file in a folder (pixel data not read).
+    """The geometry-relevant header fields of every DICOM image file in a folder (pixel data not read).
 
-    Files pydicom cannot read as DICOM (a DICOMDIR, a stray text file) are left out.
+    Files pydicom cannot read as DICOM (a DICOMDIR, a stray text file) and objects without pixels
+    (a structured report next to the series) are left out (``ctfm_common.validate.read_dicom_headers``).
     """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    def floats(value: Any) -> tuple[float, ...] | None:
-        return None if value is None else tuple(float(v) for v in value)
-
-    headers = []
-    for path in sorted(Path(folder).iterdir()):
-        if not path.is_file() or path.name.upper() == "DICOMDIR" or path.name.startswith("."):
-            continue
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, ValueError):
-            continue
-        if "PixelData" not in ds and "Rows" not in ds:
-            continue  # not an image (e.g. a structured report next to the series)
-        thickness = ds.get("SliceThickness")
-        tilt = ds.get("GantryDetectorTilt")
-        headers.append(
-            {
-                "path": str(path),
-                "series_uid": str(ds.get("SeriesInstanceUID", "") or ""),
-                "position": floats(ds.get("ImagePositionPatient")),
-                "orientation": floats(ds.get("ImageOrientationPatient")),
-                "pixel_spacing": floats(ds.get("PixelSpacing")),
-                "rows": int(ds.get("Rows", 0) or 0),
-                "columns": int(ds.get("Columns", 0) or 0),
-                "frames": int(ds.get("NumberOfFrames", 1) or 1),
-                "image_type": tuple(str(v).upper() for v in (ds.get("ImageType") or ())),
-                "slice_thickness": None if thickness in (None, "") else float(thickness),
-                "gantry_tilt": None if tilt in (None, "") else float(tilt),
-            }
-        )
-    return headers
+    return read_dicom_headers(folder)[0]
 
 
 def check_series_geometry(
@@ -733,81 +694,22 @@ def check_series_geometry(
         ``(reason, sorted_headers)``: ``reason`` is "" when the volume is valid, else one line saying
         what is wrong; ``sorted_headers`` are ordered along the slice normal (ascending).
     """
-    tol = GEOMETRY_TOLERANCES
-    if not headers:
-        return "no DICOM image files", []
-    series = Counter(h["series_uid"] for h in headers)
-    if len(series) > 1:
-        parts = ", ".join(f"{uid or '(empty)'}: {n} files" for uid, n in sorted(series.items()))
-        return f"folder mixes {len(series)} series (SeriesInstanceUID {parts}); put one series per folder", []
-    if any(h["frames"] > 1 for h in headers):
-        return "multi-frame (enhanced) DICOM is not supported: expected one instance per slice", []
-    for key, tag in (("position", "ImagePositionPatient"), ("orientation", "ImageOrientationPatient")):
-        lacking = [h for h in headers if h[key] is None]
-        if lacking:
-            return f"{len(lacking)} of {len(headers)} files lack {tag}, e.g. {Path(lacking[0]['path']).name}", []
-    if any(h["pixel_spacing"] is None for h in headers):
-        return "files lack PixelSpacing", []
-    if ctfm_filters:
-        localizers = [h for h in headers if set(h["image_type"]) & set(CTFM_FILTERS["excluded_image_types"])]
-        if localizers:
-            return f"{len(localizers)} LOCALIZER image(s) (ImageType {list(localizers[0]['image_type'])})", []
-        low, high = CTFM_FILTERS["slice_thickness_mm"]
-        thickness = {h["slice_thickness"] for h in headers}
-        if None in thickness:
-            return "SliceThickness missing: cannot check the CT-FM 1-5 mm range", []
-        outside = sorted(t for t in thickness if not low <= t <= high)
-        if outside:
-            return f"slice thickness {outside[0]:g} mm outside the CT-FM range {low:g}-{high:g} mm", []
-    orientations = np.array([h["orientation"] for h in headers])
-    if np.abs(orientations - orientations[0]).max() > tol["orientation"]:
-        return "inconsistent ImageOrientationPatient across instances", []
-    spacings = np.array([h["pixel_spacing"] for h in headers])
-    if np.abs(spacings - spacings[0]).max() > tol["pixel_spacing_mm"]:
-        values = sorted({tuple(np.round(s, 4)) for s in spacings})
-        return f"inconsistent PixelSpacing across instances: {values[:3]}", []
-    sizes = sorted({(h["rows"], h["columns"]) for h in headers})
-    if len(sizes) > 1:
-        return f"inconsistent image size (Rows, Columns) across instances: {sizes[:3]}", []
-    if len(headers) < 3:
-        return f"only {len(headers)} slice(s): not a 3D volume", []
-    row_dir, col_dir = orientations[0][:3], orientations[0][3:]
-    normal = np.cross(row_dir, col_dir)
-    positions = np.array([h["position"] for h in headers])
-    along = positions @ normal
-    order = np.argsort(along, kind="stable")
-    ordered = [headers[i] for i in order]
-    along, positions = along[order], positions[order]
-    intervals = np.diff(along)
-    duplicates = int((intervals < tol["duplicate_position_mm"]).sum())
-    if duplicates:
-        return f"{duplicates} slice position(s) hold more than one instance (CT-FM needs one instance per position)", []
-    tilts = {h["gantry_tilt"] for h in headers if h["gantry_tilt"] is not None}
-    tilted = [t for t in tilts if abs(t) > tol["tilt_degrees"]]
-    if tilted:
-        return f"gantry tilt {tilted[0]:g} degrees (GantryDetectorTilt): slices are not an orthogonal volume", []
-    drift = positions[-1] - positions[0]
-    in_plane = math.hypot(float(drift @ row_dir), float(drift @ col_dir))
-    shear = math.degrees(math.atan2(in_plane, float(along[-1] - along[0])))
-    if shear > tol["tilt_degrees"]:
-        return f"gantry tilt: the slice stack is sheared by {shear:.2f} degrees (slice origins drift in-plane)", []
-    spacing = float(np.median(intervals))
-    gaps = np.nonzero(intervals > tol["missing_slice_factor"] * spacing)[0]
-    if gaps.size:
-        i = int(gaps[0])
-        missing = int(round(float(intervals[gaps].sum()) / spacing)) - gaps.size
-        return (
-            f"missing slice(s): {gaps.size} gap(s), the first of {intervals[i]:.3g} mm between slice positions "
-            f"{along[i]:.2f} and {along[i + 1]:.2f} mm where the spacing is {spacing:.3g} mm "
-            f"(about {missing} slice(s) missing)"
-        ), []
-    deviation = float(np.abs(intervals - spacing).max())
-    if deviation > max(tol["relative_slice_spacing"] * spacing, 1e-3):
-        return (
-            f"inconsistent slice spacing: intervals from {intervals.min():.3g} to {intervals.max():.3g} mm "
-            f"(median {spacing:.3g} mm)"
-        ), []
-    return "", ordered
+    return series_problem(headers, filters=_ctfm_header_filters if ctfm_filters else None)
+
+
+def _ctfm_header_filters(headers: Sequence[dict[str, Any]]) -> str:
+    """The CT-FM header rules: no localizer, slice thickness in range ("" when they hold)."""
+    localizers = [h for h in headers if set(h["image_type"]) & set(CTFM_FILTERS["excluded_image_types"])]
+    if localizers:
+        return f"{len(localizers)} LOCALIZER image(s) (ImageType {list(localizers[0]['image_type'])})"
+    low, high = CTFM_FILTERS["slice_thickness_mm"]
+    thickness = {h["slice_thickness"] for h in headers}
+    if None in thickness:
+        return "SliceThickness missing: cannot check the CT-FM 1-5 mm range"
+    outside = sorted(t for t in thickness if not low <= t <= high)
+    if outside:
+        return f"slice thickness {outside[0]:g} mm outside the CT-FM range {low:g}-{high:g} mm"
+    return ""
 
 
 def _read_volume(paths: Sequence[str]) -> Any:

@@ -39,6 +39,7 @@ import torch
 from monai.transforms import Randomizable
 
 from .ctfm_common.runtime import atomic_write, atomic_write_text, resolve_shard
+from .ctfm_common.validate import describe_failure
 
 logger = logging.getLogger("ctfm_pretrain")
 
@@ -116,8 +117,7 @@ class CachedCropDataset(torch.utils.data.Dataset, Randomizable):
         try:
             out = self.transform(dict(self.data[index]))  # a copy: transforms never change the datalist
         except Exception as e:  # readers raise many types for corrupt files
-            cause = e.__cause__ or e
-            raise ScanSkipped(f"{source}: cannot be read or preprocessed ({type(cause).__name__}: {cause})") from e
+            raise ScanSkipped(describe_failure(source, e)) from e
         image = out[self.image_key] if isinstance(out, dict) else out
         array = np.asarray(torch.as_tensor(image).detach().cpu().numpy())
         if array.ndim == 4:

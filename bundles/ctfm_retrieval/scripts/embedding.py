@@ -40,6 +40,7 @@ from torch import nn
 
 from .ctfm_common.inputs import IMAGE_SUFFIXES, case_name
 from .ctfm_common.runtime import as_bool, atomic_write, atomic_write_text, shard_items
+from .ctfm_common.validate import describe_failure
 
 logger = logging.getLogger("ctfm_retrieval.embed")
 
@@ -149,7 +150,7 @@ class ScanEmbedder:
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         context = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
         with context:
-            return self.network(batch.to(self.device)).float().cpu()
+            return self.network(batch.to(self.device)).float()
 
     @torch.no_grad()
     def __call__(self, image: torch.Tensor, *, with_patches: bool = False) -> dict[str, torch.Tensor]:
@@ -165,15 +166,16 @@ class ScanEmbedder:
         """
         out: dict[str, torch.Tensor] = {}
         data = (image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)).float()
+        data = data.to(self.device)  # one copy of the volume; patches are cut where the network runs
         if self.aggregation == "global":
-            out["embedding"] = self._forward(data[None])[0]
+            out["embedding"] = self._forward(data[None])[0].cpu()
         if self.aggregation != "global" or with_patches:
             slices = patch_grid(data.shape[1:], self.patch_size, self.overlap)
             embeddings = []
             for begin in range(0, len(slices), self.batch_size):
                 chunk = slices[begin : begin + self.batch_size]
                 embeddings.append(self._forward(torch.stack([data[(slice(None), *s)] for s in chunk])))
-            patches = torch.cat(embeddings)
+            patches = torch.cat(embeddings).cpu()
             if self.aggregation != "global":
                 out["embedding"] = aggregate(patches, self.aggregation)
             if with_patches:
@@ -265,10 +267,9 @@ class _SafeDataset(torch.utils.data.Dataset):
         try:
             return {"index": i, "image": self.transform(dict(item))[self.key]}
         except Exception as e:  # any reader/transform failure: report it, go on with the others
-            cause = e
-            while cause.__cause__ is not None:  # MONAI wraps transform errors; name the root problem
-                cause = cause.__cause__
-            return {"index": i, "error": f"{type(cause).__name__}: {cause}", "trace": traceback.format_exc()}
+            source = str(item[self.key])
+            problem = describe_failure(source, e)[len(source) + 2 :]  # the scan is named by the caller
+            return {"index": i, "error": problem, "trace": traceback.format_exc()}
 
 
 def _first(batch: list) -> dict:
@@ -345,6 +346,9 @@ def embed_dataset(
 
     Returns:
         ``{"done": [...], "skipped": [...], "failed": [...]}`` case names of this shard.
+
+    Raises:
+        RuntimeError: every scan of the shard failed (so the command exits non-zero), naming each.
     """
     from tqdm import tqdm
 
@@ -420,6 +424,13 @@ def embed_dataset(
         f"shard {shard_index}/{num_shards}: {len(result['done'])} embedded, {len(result['skipped'])} skipped, "
         f"{len(result['failed'])} failed; index {state}"
     )
+    for error in errors:
+        logger.error(f"failed: {error['source']}: {error['error']}")
+    if errors and not result["done"] and not result["skipped"]:
+        raise RuntimeError(
+            f"every scan of shard {shard_index}/{num_shards} failed ({len(errors)}): "
+            + "; ".join(f"{e['source']}: {e['error']}" for e in errors)
+        )
     return result
 
 

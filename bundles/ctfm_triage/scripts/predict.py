@@ -24,6 +24,7 @@ from torch import nn
 
 from . import metrics
 from .ctfm_common.inputs import case_name
+from .ctfm_common.validate import describe_failure
 from .handlers import PredictionCollector
 from .model import unwrap
 from .report import metrics_rows, plot_roc, write_csv, write_json, write_predictions
@@ -31,13 +32,6 @@ from .report import metrics_rows, plot_roc, write_csv, write_json, write_predict
 logger = logging.getLogger(__name__)
 
 SOURCE_KEY = "source"  # not "image_path": MONAI's Spacingd treats "image_*" entries as meta dicts
-
-
-def describe_error(error: BaseException) -> str:
-    """The innermost cause of an exception (MONAI wraps transform errors), as ``Type: message``."""
-    while error.__cause__ is not None:
-        error = error.__cause__
-    return f"{type(error).__name__}: {error}"
 
 
 class ReportErrors:
@@ -58,7 +52,7 @@ class ReportErrors:
             result = dict(self.transform(dict(data)))
         except Exception as e:  # any reader/transform failure is reported per scan
             return {**{k: v for k, v in data.items() if k != self.key}, SOURCE_KEY: source,
-                    "error": f"{source}: {describe_error(e)}"}
+                    "error": describe_failure(source, e)}
         result[SOURCE_KEY] = source
         return result
 
@@ -105,7 +99,7 @@ def predict(
         ``{"csv": path, "json": path}``.
 
     Raises:
-        RuntimeError: every scan failed (after writing the report).
+        RuntimeError: every scan failed (naming each scan and its problem; earlier outputs are left as they are).
     """
     device = torch.device(device)
     module = unwrap(network)
@@ -131,7 +125,7 @@ def predict(
                 logits = network(torch.as_tensor(item["image"])[None].to(device))
             probabilities = torch.sigmoid(logits.float())[0].cpu().tolist()
         except Exception as e:  # e.g. out of memory on one odd scan: report it and go on
-            message = f"{source}: {describe_error(e)}"
+            message = describe_failure(source, e)
             logger.error(f"skipped: {message}")
             cases.append({**record, "error": message})
             continue
@@ -139,13 +133,15 @@ def predict(
                       "probabilities": dict(zip(label_names, probabilities)),
                       "decisions": {n: int(p >= t) for n, p, t in zip(label_names, probabilities, thresholds)},
                       "thresholds": threshold_by_name, "error": None})
+    failed = [c["error"] for c in cases if c["error"]]
+    if cases and len(failed) == len(cases):  # nothing to report: keep any earlier predictions as they are
+        raise RuntimeError(f"all {len(failed)} scan(s) failed, nothing written to {output_dir}: " + "; ".join(failed))
     paths = write_predictions(cases, label_names=label_names, output_dir=output_dir,
                               extra={"checkpoint": str(ckpt), "thresholds": threshold_by_name,
                                      "decision_rule": "probability >= threshold (thresholds stored in the checkpoint)"})
-    failed = sum(1 for c in cases if c["error"])
-    logger.info(f"triage of {len(cases)} scan(s), {failed} failed: {paths['csv']}, {paths['json']}")
-    if cases and failed == len(cases):
-        raise RuntimeError(f"all {failed} scan(s) failed; see {paths['json']}. First error: {cases[0]['error']}")
+    logger.info(f"triage of {len(cases)} scan(s), {len(failed)} failed: {paths['csv']}, {paths['json']}")
+    for error in failed:
+        logger.error(f"failed: {error}")
     return paths
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 
 from . import ctfm_common  # noqa: F401
-from .ctfm_common import checkpoint, encoder, inputs, runtime  # noqa: F401
+from .ctfm_common import checkpoint, encoder, inputs, runtime, validate  # noqa: F401
 
 # The folder holding configs/ and scripts/: configs derive every path from it, so a bundle
 # runs from any working directory (``monai.bundle run`` puts this folder on sys.path).

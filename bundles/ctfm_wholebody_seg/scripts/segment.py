@@ -37,6 +37,7 @@ from torch import nn
 from .ctfm_common import encoder as shared_encoder
 from .ctfm_common.inputs import case_name
 from .ctfm_common.runtime import as_bool, atomic_write
+from .ctfm_common.validate import describe_failure
 from .labels import read_label_names
 
 logger = logging.getLogger("ctfm_wholebody_seg")
@@ -388,8 +389,8 @@ def segment_cases(
                 f"{case}: wrote {outputs['label_map']} ({record['structures']} structures, {record['seconds']} s)"
             )
         except Exception as e:  # one bad scan must not stop the batch: report it and go on
-            record.update(status="failed", error=f"{source}: {type(e).__name__}: {e}")
-            logger.error(f"{case}: FAILED on {source}: {type(e).__name__}: {e}")
+            record.update(status="failed", error=describe_failure(source, e))
+            logger.error(f"{case}: FAILED: {record['error']}")
             logger.debug(traceback.format_exc())
         results.append(record)
     failed = [r for r in results if r["status"] != "ok"]

@@ -93,3 +93,34 @@ class RemapLabelsd(MapTransform):
                 raise ValueError(f"label '{key}' holds negative values; cannot remap {sorted(self.mapping)}")
             d[key] = convert_to_dst_type(lut[values].to(torch.float32), label, dtype=torch.float32)[0]
         return d
+
+
+class CheckLabelsd(MapTransform):
+    """Refuse a label map with values outside ``0 .. num_classes - 1`` (after any ``label_map``), naming
+    its file, before the loss meets an index it cannot one-hot encode.
+
+    Args:
+        keys: label keys.
+        num_classes: number of network outputs (background included).
+    """
+
+    def __init__(self, keys: KeysCollection, num_classes: int) -> None:
+        super().__init__(keys)
+        self.num_classes = int(num_classes)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        from .ctfm_common.validate import InputError, source_of
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            label = d[key]
+            values = torch.unique(torch.as_tensor(label))
+            bad = values[(values < 0) | (values >= self.num_classes) | (values != torch.round(values))]
+            if bad.numel():
+                shown = ", ".join(f"{v:g}" for v in bad[:8].tolist()) + (", ..." if bad.numel() > 8 else "")
+                raise InputError(
+                    source_of(label, f"<{key}>"),
+                    f"label values {shown} outside the label map 0..{self.num_classes - 1} (num_classes "
+                    f"{self.num_classes}); map them with --label_map or set num_classes",
+                )
+        return d

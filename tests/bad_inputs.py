@@ -1,0 +1,192 @@
+# Copyright (c) CT-FM bundles contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""The bad-input corpus of the reliability tests, generated on the fly (no binaries are committed).
+
+:func:`write_corpus` writes every case into a folder and returns ``{case: path}`` together with
+:data:`EXPECTED`: for each case, either ``None`` (the pipelines run it, possibly with a
+warning) or a fragment of the one-line problem the checks must report.
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+import phantom
+
+#: case -> fragment of the reported problem (``None``: accepted).
+EXPECTED: dict[str, str | None] = {
+    "good": None,
+    "tiny": None,  # smaller than every patch: the pipelines pad it
+    "mr_like": None,  # accepted with a warning: no air, does not look like HU
+    "dicom_good": None,
+    "zero_byte": "empty file (0 bytes)",
+    "truncated": "truncated or corrupt file: EOFError",
+    "image_2d": "2-D image (64, 64): expected a 3-D CT volume",
+    "image_4d": "4-D image (32, 32, 16, 3): expected one 3-D CT volume",
+    "nan": "voxels are NaN or infinite",
+    "huge_header": "refusing to load it",
+    "missing_file": "file does not exist",
+    "dicom_two_series": "folder mixes 2 series",
+    "dicom_missing_slice": "missing slice(s): 1 gap(s)",
+    "dicom_uneven_spacing": "inconsistent slice spacing",
+    "dicom_sr": "no image in this DICOM folder, only 1 non-image object(s): SR",
+    "dicom_seg": "Modality SEG: 4 files; expected CT images",
+}
+
+MR_WARNING = "does not look like a CT in Hounsfield units"
+SHAPE = (40, 40, 16)  # 3 mm body phantom voxels
+SPACING = 3.0
+
+
+def _affine(spacing: float = SPACING) -> np.ndarray:
+    return np.diag([spacing, spacing, spacing, 1.0])
+
+
+def _save(array: np.ndarray, path: Path) -> None:
+    nib.save(nib.Nifti1Image(array, _affine()), str(path))
+
+
+def body_volume(shape=SHAPE, seed: int = 0) -> np.ndarray:
+    """A body phantom in HU (int16)."""
+    image, _, _ = phantom.make_body_phantom(shape=shape, spacing=SPACING, seed=seed)
+    return np.asarray(image, dtype=np.int16)
+
+
+def write_huge_header(path: Path, size: int = 100_000) -> None:
+    """A gzipped NIfTI-2 whose header declares ``size``^3 int16 voxels (NIfTI-1 dimensions stop at
+    32767), with almost no data behind it."""
+    header = nib.Nifti2Header()
+    header.set_data_shape((size, size, size))
+    header.set_data_dtype(np.int16)
+    header["vox_offset"] = 544
+    header.set_sform(_affine(), code=1)
+    with gzip.open(path, "wb") as f:
+        f.write(header.binaryblock + b"\x00" * 4 + b"\x00" * 4096)
+
+
+def write_ct_series(
+    folder: Path,
+    positions,
+    *,
+    size: int = 32,
+    series_uid: str | None = None,
+    modality: str = "CT",
+    study_uid: str | None = None,
+    frames: int = 1,
+) -> list[Path]:
+    """A synthetic single-frame DICOM series, one file per slice position (mm), pixels in HU."""
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    series_uid = series_uid or generate_uid()
+    study_uid = study_uid or generate_uid()
+    frame_uid = generate_uid()
+    volume = body_volume(shape=(size, size, max(len(positions), 16)))
+    sop_class = "1.2.840.10008.5.1.4.1.1.2" if modality == "CT" else "1.2.840.10008.5.1.4.1.1.66.4"
+    paths = []
+    for i, z in enumerate(positions):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = sop_class
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        path = folder / f"slice_{i:03d}_{series_uid[-6:]}.dcm"
+        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\x00" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+        ds.Modality, ds.PatientID, ds.PatientName = modality, "PHANTOM", "Phantom^Body"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
+        ds.InstanceNumber, ds.SeriesNumber = i + 1, 1
+        ds.ImagePositionPatient = [0.0, 0.0, float(z)]
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ds.PixelSpacing, ds.SliceThickness = [2.0, 2.0], 2.0
+        ds.Rows = ds.Columns = size
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+        if frames > 1:
+            ds.NumberOfFrames = frames
+        pixels = np.ascontiguousarray(np.repeat(volume[:, :, i % volume.shape[2]].T[None], frames, 0))
+        ds.PixelData = pixels.astype(np.int16).tobytes()
+        ds.is_little_endian, ds.is_implicit_VR = True, False
+        ds.save_as(str(path), write_like_original=False)
+        paths.append(path)
+    assert all(pydicom.dcmread(p, stop_before_pixels=True).Modality == modality for p in paths)
+    return paths
+
+
+def write_sr(folder: Path) -> Path:
+    """A folder holding one DICOM structured report (no pixels)."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path = folder / "report.dcm"
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\x00" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID = "SR", "PHANTOM"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.is_little_endian, ds.is_implicit_VR = True, False
+    ds.save_as(str(path), write_like_original=False)
+    return path
+
+
+def write_corpus(root: Path) -> dict[str, Path]:
+    """Write every case of :data:`EXPECTED` under ``root``; returns ``{case: path}``."""
+    root.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+
+    def nifti(name: str) -> Path:
+        paths[name] = root / f"{name}.nii.gz"
+        return paths[name]
+
+    _save(body_volume(), nifti("good"))
+    tiny = np.full((8, 8, 4), -1000, np.int16)
+    tiny[2:6, 2:6, 1:3] = 40
+    _save(tiny, nifti("tiny"))
+    mr = body_volume().astype(np.float32) + 1024.0  # positive "MR" intensities, no air
+    _save(np.clip(mr, 0, None) * 0.8, nifti("mr_like"))
+    nifti("zero_byte").write_bytes(b"")
+    data = paths["good"].read_bytes()
+    nifti("truncated").write_bytes(data[: len(data) // 2])
+    _save(np.zeros((64, 64), np.int16), nifti("image_2d"))
+    _save(np.full((32, 32, 16, 3), -1000, np.int16), nifti("image_4d"))
+    nan = body_volume().astype(np.float32)
+    nan[10:20, 10:20, 4:8] = np.nan
+    _save(nan, nifti("nan"))
+    write_huge_header(nifti("huge_header"))
+    paths["missing_file"] = root / "missing_file.nii.gz"  # never written
+
+    dicom = root / "dicom"
+    paths["dicom_good"] = dicom / "dicom_good"
+    write_ct_series(paths["dicom_good"], [2.0 * i for i in range(8)])
+    paths["dicom_two_series"] = dicom / "dicom_two_series"
+    study = "1.2.826.0.1.3680043.8.498.1"
+    write_ct_series(paths["dicom_two_series"], [2.0 * i for i in range(8)], study_uid=study)
+    write_ct_series(paths["dicom_two_series"], [2.0 * i for i in range(8)], study_uid=study)
+    paths["dicom_missing_slice"] = dicom / "dicom_missing_slice"
+    write_ct_series(paths["dicom_missing_slice"], [2.0 * i for i in range(10) if i != 5])
+    paths["dicom_uneven_spacing"] = dicom / "dicom_uneven_spacing"
+    write_ct_series(paths["dicom_uneven_spacing"], [0.0, 2.0, 4.0, 6.0, 7.0, 9.0, 11.0, 13.0])
+    paths["dicom_sr"] = dicom / "dicom_sr"
+    write_sr(paths["dicom_sr"])
+    paths["dicom_seg"] = dicom / "dicom_seg"
+    write_ct_series(paths["dicom_seg"], [2.0 * i for i in range(4)], modality="SEG")
+    assert set(paths) == set(EXPECTED), sorted(set(EXPECTED) ^ set(paths))
+    return paths

@@ -1,0 +1,412 @@
+# Copyright (c) CT-FM bundles contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Bad input through every bundle's real entry points, and the rule that weights never unpickle code.
+
+The corpus (``tests/bad_inputs.py``, generated here) holds truncated and empty NIfTI files, 2-D
+and 4-D images, NaNs, MR-like intensities, a volume smaller than every patch, a header claiming
+100000^3 voxels, DICOM folders with two series, a missing slice, uneven spacing, an SR and a SEG
+object, and a datalist entry whose file does not exist. Batch runs must go on past each bad
+scan, naming it and its problem in the summary; a run that cannot go on exits non-zero with
+that one line in its log, and leaves earlier outputs byte-identical.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import inspect
+import json
+import logging
+import subprocess
+import sys
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from bad_inputs import EXPECTED, MR_WARNING, body_volume, write_corpus
+from conftest import BUNDLES_DIR, REPO_ROOT, run_bundle
+
+from ctfm_common import validate
+
+ACCEPTED = sorted(k for k, v in EXPECTED.items() if v is None)
+REJECTED = sorted(k for k, v in EXPECTED.items() if v is not None)
+LOAD_TIME = {"truncated", "nan"}  # found while loading, not from the headers
+SEG = {"init_filters": 8, "spacing": [6.0, 6.0, 6.0], "roi_size": [32, 32, 32], "sw_batch_size": 1}
+TRIAGE = {
+    "init_filters": 8,
+    "spacing": [5.0, 3.0, 3.0],
+    "roi_size": [16, 32, 32],
+    "windows": ["stroke"],
+    "num_workers": 0,
+}
+EMBED = {"init_filters": 8, "patch_size": [16, 32, 32], "spacing": [3.0, 3.0, 3.0], "batch_size": 2, "num_workers": 0}
+PRETRAIN = {"init_filters": 8, "patch_size": [16, 32, 32], "num_crops": 3, "num_workers": 0}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("bad_inputs")
+    paths = write_corpus(root / "corpus")
+    from monai.networks.nets import SegResNetDS
+
+    torch.manual_seed(0)
+    seg = SegResNetDS(
+        spatial_dims=3, in_channels=1, init_filters=8, blocks_down=[1, 2, 2, 4, 4], out_channels=118, dsdepth=4
+    )
+    torch.save(seg.state_dict(), root / "seg.pt")
+    return {"root": root, "paths": paths}
+
+
+def datalist(path, paths, section="testing"):
+    path.write_text(json.dumps({section: [{"image": str(p)} for p in paths]}))
+    return path
+
+
+def check_message(case: str, message: str, paths: dict) -> None:
+    """A reported problem names the scan and says what :data:`EXPECTED` says."""
+    assert str(paths[case]) in message and EXPECTED[case] in message, (case, message)
+    assert "\n" not in message and "Traceback" not in message, message
+
+
+# ------------------------------------------------------------------------------------------------
+# the checks themselves (headers only, in-process)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_header_checks_name_each_problem_before_loading(corpus):
+    paths = corpus["paths"]
+    for case in ACCEPTED + sorted(LOAD_TIME):
+        assert validate.check_input(paths[case]) is not None, case  # a shape: the header is fine
+    for case in sorted(set(REJECTED) - LOAD_TIME):
+        with pytest.raises(validate.InputError) as error:
+            validate.check_input(paths[case])
+        check_message(case, str(error.value), paths)
+    # the enormous header is refused from its 544 header bytes: nothing near 2 PiB is allocated
+    start = time.perf_counter()
+    with pytest.raises(validate.InputError, match="100000 x 100000 x 100000 voxels"):
+        validate.check_input(paths["huge_header"])
+    assert time.perf_counter() - start < 1.0
+
+
+def test_size_is_checked_against_the_available_memory(corpus, monkeypatch):
+    monkeypatch.setattr(validate, "available_memory_bytes", lambda: 10 * 2**20)  # 10 MiB free
+    with pytest.raises(validate.InputError, match=r"more than the .* of memory available; refusing to load it"):
+        validate.check_size("big.nii.gz", (512, 512, 300))
+    validate.check_size("small.nii.gz", (64, 64, 64))  # 1 MiB as float32: fine
+
+
+def test_loaded_volume_checks_and_the_mr_warning(caplog):
+    from monai.data import MetaTensor
+
+    good = MetaTensor(torch.from_numpy(body_volume().astype(np.float32))[None], meta={"filename_or_obj": "ct.nii"})
+    validate.check_volume(good)
+    nan = good.clone()
+    nan[0, 1, 2, 3] = float("nan")
+    with pytest.raises(validate.InputError, match="ct.nii: 1 of .* voxels are NaN or infinite"):
+        validate.check_volume(nan)
+    with pytest.raises(validate.InputError, match="3 channels"):
+        validate.check_volume(torch.zeros(3, 8, 8, 8), "four_d.nii")
+    with caplog.at_level(logging.WARNING, logger="ctfm_common.validate"):
+        validate.check_volume(good + 1024, "mr.nii")
+    assert "mr.nii" in caplog.text and MR_WARNING in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------
+# whole-body segmentation inference
+# ------------------------------------------------------------------------------------------------
+
+
+def test_seg_inference_batch_goes_on_past_every_bad_input(corpus, tmp_path):
+    paths = corpus["paths"]
+    out = tmp_path / "out"
+    proc = run_bundle(
+        "ctfm_wholebody_seg",
+        "inference.json",
+        input=str(datalist(tmp_path / "all.json", paths.values())),
+        output_dir=str(out),
+        ckpt=str(corpus["root"] / "seg.pt"),
+        save_preview=False,
+        **SEG,
+    )
+    log = proc.stdout + proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    status = {c["case"]: c for c in summary["cases"]}
+    assert sorted(c for c, r in status.items() if r["status"] == "ok") == ACCEPTED
+    assert summary["num_failed"] == len(REJECTED)
+    for case in REJECTED:
+        check_message(case, status[case]["error"], paths)
+        assert f"failed: {status[case]['error']}" in log  # the summary at the end of the log, one line each
+        assert not (out / case).exists()  # nothing half-written for a failed scan
+    assert f"{paths['mr_like']}: intensities" in log and MR_WARNING in log
+    tiny = nib.load(out / "tiny" / "tiny_seg.nii.gz")
+    assert tiny.shape == (8, 8, 4)  # padded for the network, written back on its own grid
+    assert nib.load(out / "dicom_good" / "dicom_good_seg.nii.gz").shape == (32, 32, 8)
+
+
+def test_seg_inference_single_bad_input_exits_nonzero_and_keeps_the_previous_output(corpus, tmp_path):
+    out = tmp_path / "out"
+    previous = out / "nan" / "nan_seg.nii.gz"
+    previous.parent.mkdir(parents=True)
+    previous.write_bytes(b"an earlier result")
+    proc = run_bundle(
+        "ctfm_wholebody_seg",
+        "inference.json",
+        input=str(corpus["paths"]["nan"]),
+        output_dir=str(out),
+        ckpt=str(corpus["root"] / "seg.pt"),
+        check=False,
+        **SEG,
+    )
+    assert proc.returncode != 0
+    line = f"failed: {corpus['paths']['nan']}: 400 of 25600 voxels are NaN or infinite"
+    assert line in proc.stdout + proc.stderr
+    assert previous.read_bytes() == b"an earlier result"
+    assert sorted(p.name for p in previous.parent.iterdir()) == ["nan_seg.nii.gz"]  # no temporary file left
+
+
+# ------------------------------------------------------------------------------------------------
+# triage inference, retrieval embedding, pretraining cache
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def triage_ckpt(corpus):
+    saved = list(sys.path)
+    sys.path.insert(0, str(BUNDLES_DIR / "ctfm_triage"))
+    try:
+        from scripts.model import TriageClassifier
+
+        torch.manual_seed(0)
+        path = corpus["root"] / "triage.pt"
+        torch.save(TriageClassifier(init_filters=8, in_channels=1, num_labels=1).state_dict(), path)
+    finally:
+        sys.path[:] = saved
+        for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+            del sys.modules[name]
+    return path
+
+
+TRIAGE_CASES = [
+    "good",
+    "tiny",
+    "mr_like",
+    "zero_byte",
+    "image_4d",
+    "nan",
+    "huge_header",
+    "missing_file",
+    "dicom_missing_slice",
+    "dicom_sr",
+]
+
+
+def test_triage_inference_reports_bad_scans_and_an_all_bad_run_keeps_old_predictions(corpus, triage_ckpt, tmp_path):
+    paths = corpus["paths"]
+    out = tmp_path / "out"
+    items = datalist(tmp_path / "batch.json", [paths[c] for c in TRIAGE_CASES])
+    run_bundle("ctfm_triage", "inference.json", input=str(items), output_dir=str(out), ckpt=str(triage_ckpt), **TRIAGE)
+    rows = {r["case"]: r for r in csv.DictReader(open(out / "predictions.csv"))}
+    assert sorted(rows) == sorted(TRIAGE_CASES)
+    for case in TRIAGE_CASES:
+        if EXPECTED[case] is None:
+            assert not rows[case]["error"] and 0.0 <= float(rows[case]["probability_abnormal"]) <= 1.0, rows[case]
+        else:
+            check_message(case, rows[case]["error"], paths)
+    # every scan bad: non-zero exit, each named, and the predictions of the earlier run untouched
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    bad = datalist(tmp_path / "bad.json", [paths[c] for c in ("zero_byte", "dicom_sr")])
+    proc = run_bundle(
+        "ctfm_triage",
+        "inference.json",
+        input=str(bad),
+        output_dir=str(out),
+        ckpt=str(triage_ckpt),
+        check=False,
+        **TRIAGE,
+    )
+    assert proc.returncode != 0
+    assert f"{paths['zero_byte']}: empty file (0 bytes)" in proc.stdout + proc.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+EMBED_CASES = ["good", "tiny", "truncated", "image_2d", "nan", "huge_header", "dicom_two_series", "dicom_seg"]
+
+
+def test_retrieval_embed_skips_bad_scans_with_an_error_table(corpus, tmp_path):
+    paths = corpus["paths"]
+    out = tmp_path / "out"
+    items = datalist(tmp_path / "batch.json", [paths[c] for c in EMBED_CASES])
+    proc = run_bundle("ctfm_retrieval", "embed.json", input=str(items), output_dir=str(out), **EMBED)
+    emb = out / "embeddings"
+    index = {r["case"] for r in csv.DictReader(open(emb / "index.csv"))}
+    assert index == {"good", "tiny"}
+    assert sorted(p.name for p in emb.glob("*.safetensors")) == ["good.safetensors", "tiny.safetensors"]
+    errors = {r["case"]: r for r in csv.DictReader(open(emb / "errors.csv"))}
+    assert sorted(errors) == sorted(set(EMBED_CASES) - {"good", "tiny"})
+    for case, row in errors.items():
+        check_message(case, f"{row['source']}: {row['error']}", paths)
+        assert f"failed: {row['source']}: {row['error']}" in proc.stdout + proc.stderr
+    # a run where every scan fails exits non-zero and leaves the index as it was
+    before = (emb / "index.csv").read_bytes()
+    bad = datalist(tmp_path / "bad.json", [paths["image_4d"]])
+    proc = run_bundle("ctfm_retrieval", "embed.json", input=str(bad), output_dir=str(out), check=False, **EMBED)
+    assert proc.returncode != 0 and EXPECTED["image_4d"] in proc.stdout + proc.stderr
+    assert (emb / "index.csv").read_bytes() == before
+
+
+def test_pretrain_cache_skips_bad_scans_and_remembers_why(corpus, tmp_path):
+    paths = corpus["paths"]
+    cases = [
+        "good",
+        "tiny",
+        "zero_byte",
+        "truncated",
+        "image_4d",
+        "nan",
+        "huge_header",
+        "missing_file",
+        "mr_like",
+        "dicom_uneven_spacing",
+    ]
+    items = datalist(tmp_path / "pretrain.json", [paths[c] for c in cases], section="training")
+    cache = tmp_path / "cache"
+    proc = run_bundle(
+        "ctfm_pretrain",
+        "train.json",
+        "cache",
+        datalist=str(items),
+        dataset_dir=str(tmp_path),
+        output_dir=str(tmp_path / "out"),
+        cache_dir=str(cache),
+        **PRETRAIN,
+    )
+    log = proc.stdout + proc.stderr
+    cached = sorted(p.name.split("_")[0] for p in cache.glob("*.npy"))
+    assert cached == ["good", "mr"]  # tiny: padded, then too little foreground to crop from (degenerate)
+    markers = {p.name.rsplit("_", 1)[0]: p.read_text().strip() for p in cache.glob("*.bad.txt")}
+    assert "degenerate scan" in markers.pop("tiny")
+    assert sorted(markers) == sorted(set(cases) - {"good", "tiny", "mr_like"})
+    for case, message in markers.items():
+        check_message(case, message, paths)
+        assert message in log
+    assert "'cached': 2" in log and "'skipped': 8" in log
+
+
+# ------------------------------------------------------------------------------------------------
+# training data, tools
+# ------------------------------------------------------------------------------------------------
+
+
+def test_seg_training_refuses_labels_outside_the_label_map(tmp_path):
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    nib.save(nib.Nifti1Image(body_volume(), affine), tmp_path / "ct.nii.gz")
+    label = np.zeros((40, 40, 16), np.uint8)
+    label[10:20, 10:20, 4:10] = 200  # 118 classes: 200 is no structure of the label map
+    nib.save(nib.Nifti1Image(label, affine), tmp_path / "ct_labels.nii.gz")
+    item = {"image": "ct.nii.gz", "label": "ct_labels.nii.gz"}
+    items = tmp_path / "datalist.json"
+    items.write_text(json.dumps({"training": [item], "validation": [item]}))
+    models = tmp_path / "models"
+    proc = run_bundle(
+        "ctfm_wholebody_seg",
+        "train.json",
+        "training",
+        check=False,
+        dataset_dir=str(tmp_path),
+        datalist=str(items),
+        output_dir=str(tmp_path / "out"),
+        ckpt_dir=str(models),
+        max_epochs=1,
+        init_filters=8,
+        spacing=[6.0, 6.0, 6.0],
+        patch_size=[32, 32, 32],
+        num_workers=0,
+        batch_size=1,
+    )
+    assert proc.returncode != 0
+    assert (
+        f"training stopped by a bad input: {tmp_path / 'ct_labels.nii.gz'}: label values 200 outside the label "
+        f"map 0..117"
+    ) in proc.stdout + proc.stderr
+    assert not list(models.glob("*.pt"))
+
+
+def test_triage_csv_with_bad_rows_exits_nonzero_naming_lines_and_keeps_the_old_datalist(tmp_path):
+    nib.save(nib.Nifti1Image(body_volume(), np.eye(4)), tmp_path / "a.nii.gz")
+    (tmp_path / "labels.csv").write_text("path,abnormal\na.nii.gz,1\nmissing.nii.gz,0\na.nii.gz,maybe\n")
+    output = tmp_path / "datalist.json"
+    output.write_text('{"training": []}\n')
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "tools" / "triage_csv_to_datalist.py"),
+            "--csv",
+            str(tmp_path / "labels.csv"),
+            "--output",
+            str(output),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "line 3" in proc.stderr and "missing.nii.gz" in proc.stderr and "line 4" in proc.stderr, proc.stderr
+    assert output.read_text() == '{"training": []}\n'
+
+
+# ------------------------------------------------------------------------------------------------
+# untrusted files: weights never unpickle code
+# ------------------------------------------------------------------------------------------------
+
+
+def _calls(tree: ast.AST, module: str, name: str) -> list[ast.Call]:
+    return [
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call)
+        and isinstance(n.func, ast.Attribute)
+        and n.func.attr == name
+        and isinstance(n.func.value, ast.Name)
+        and n.func.value.id == module
+    ]
+
+
+def test_every_weight_load_uses_weights_only_or_safetensors():
+    sources = [
+        p for p in REPO_ROOT.rglob("*.py") if not {".venv", "build", ".git"} & set(p.relative_to(REPO_ROOT).parts)
+    ]
+    unsafe = []
+    for path in sources:
+        tree = ast.parse(path.read_text(), str(path))
+        for call in _calls(tree, "torch", "load"):
+            flags = {k.arg: k.value for k in call.keywords}
+            if not (isinstance(flags.get("weights_only"), ast.Constant) and flags["weights_only"].value is True):
+                unsafe.append(f"{path.relative_to(REPO_ROOT)}:{call.lineno}: torch.load without weights_only=True")
+        for call in _calls(tree, "pickle", "load") + _calls(tree, "pickle", "loads"):
+            unsafe.append(f"{path.relative_to(REPO_ROOT)}:{call.lineno}: pickle")
+        for call in _calls(tree, "np", "load"):
+            flags = {k.arg: k.value for k in call.keywords}
+            if isinstance(flags.get("allow_pickle"), ast.Constant) and flags["allow_pickle"].value is True:
+                unsafe.append(f"{path.relative_to(REPO_ROOT)}:{call.lineno}: np.load(allow_pickle=True)")
+    assert not unsafe, unsafe
+    # configs: no weight load written as an expression, and MONAI's CheckpointLoader (which resumes
+    # training in the train configs) reads with weights_only=True in the installed MONAI
+    loaders = 0
+    for config in BUNDLES_DIR.glob("*/configs/*.json"):
+        text = config.read_text()
+        assert "torch.load" not in text and "pickle" not in text, config
+        loaders += text.count('"CheckpointLoader"')
+    assert loaders >= 3
+    from monai.handlers import CheckpointLoader
+
+    assert "weights_only=True" in inspect.getsource(CheckpointLoader.__call__)
