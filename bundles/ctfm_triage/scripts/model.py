@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .ctfm_common.encoder import PooledEncoderHead
+from .ctfm_common.encoder import PooledEncoderHead, looks_like_repo_id, read_state_dict
 
 
 class TriageClassifier(PooledEncoderHead):
@@ -70,12 +70,14 @@ def unwrap(network: nn.Module) -> nn.Module:
 def load_checkpoint(network: nn.Module, ckpt: str | os.PathLike) -> nn.Module:
     """Load a trained triage checkpoint (weights and thresholds) strictly.
 
-    Accepts the best-model file written by training (a plain state dict) and the resumable
-    ``model_last.pt`` (``{"model": ..., "optimizer": ..., ...}``); read with ``weights_only=True``.
+    Accepts the best-model file written by training (a plain state dict), the resumable
+    ``model_last.pt`` (``{"model": ..., "optimizer": ..., ...}``), both read with
+    ``weights_only=True``, and the hub format of ``tools/hub.py export`` (a ``.safetensors`` file,
+    a folder with ``model.safetensors``, or its hub repo id ``owner/name``).
 
     Args:
         network: the :class:`TriageClassifier` built with the training settings.
-        ckpt: checkpoint path.
+        ckpt: checkpoint path, hub folder or hub repo id.
 
     Returns:
         The network, in eval mode.
@@ -85,11 +87,14 @@ def load_checkpoint(network: nn.Module, ckpt: str | os.PathLike) -> nn.Module:
         RuntimeError: the checkpoint does not fit the network, naming the settings to check.
     """
     path = Path(ckpt)
-    if not path.is_file():
+    if not path.exists() and not looks_like_repo_id(os.fspath(ckpt)):
         raise FileNotFoundError(f"triage checkpoint not found: '{path}' (train first, or pass --ckpt PATH)")
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
-    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
-        state = state["model"]
+    if path.is_file() and path.suffix != ".safetensors":
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
+            state = state["model"]
+    else:  # .safetensors, hub folder or repo id: the shared reader
+        state = read_state_dict(os.fspath(ckpt))
     module = unwrap(network)
     try:
         module.load_state_dict(state, strict=True)
