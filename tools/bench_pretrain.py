@@ -116,21 +116,32 @@ def _plain_monai_loader(parser, data: list[dict], batch_size: int, num_workers: 
     return loader, lambda batch, device: (batch["views"].to(device), batch["groups"].to(device))
 
 
-def _time_steps(loader, prepare, network, loss, optimizer, device, iterations: int, amp: bool) -> dict:
+def _time_steps(loader, prepare, network, loss, optimizer, device, iterations: int, amp: bool,
+                sync_each_step: bool = False) -> dict:
     """Run ``iterations`` steps after one warm-up step.
 
+    As in the trainer, the host does not wait for the device between steps (so the next batch is
+    fetched while the device still computes) unless ``sync_each_step``; the clock stops after
+    the device has finished the last step.
+
     Returns:
-        Seconds, crops/s and views/s over whole steps, and the part of the time spent getting the
-        views (loading + augmenting: ``data_s``, ``data_views_per_s``).
+        Seconds, crops/s and views/s over whole steps, and the host time spent blocked on getting
+        the views (loading + moving + augmenting: ``data_s``, ``data_views_per_s``).
     """
     network.train()
-    done, views_total, crops_total, start, data_seconds = -1, 0, 0, 0.0, 0.0
+    done, views_total, start, data_seconds = -1, 0, 0.0, 0.0
+    began, warmup_seconds = time.perf_counter(), 0.0
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     while done < iterations:
         fetch = time.perf_counter()
         for batch in loader:
             views, groups = prepare(batch, device)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            if sync_each_step:
+                sync()
             if done >= 0:
                 data_seconds += time.perf_counter() - fetch
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -138,21 +149,26 @@ def _time_steps(loader, prepare, network, loss, optimizer, device, iterations: i
             optimizer.zero_grad(set_to_none=True)
             value.backward()
             optimizer.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            if sync_each_step:
+                sync()
             done += 1
-            if done == 0:  # warm-up step (workers, allocator, cudnn) not timed
+            if done == 0:  # warm-up step (workers, allocator, cudnn, compilation) not timed
+                sync()
                 start = time.perf_counter()
+                warmup_seconds = start - began
                 continue
             views_total += len(views)
-            crops_total += len(torch.unique(groups, dim=0))
             if done >= iterations:
                 break
             fetch = time.perf_counter()
+    sync()
     seconds = time.perf_counter() - start
+    crops_total = views_total // 2  # two views per crop
     return {"seconds": round(seconds, 3), "steps": iterations, "crops_per_s": round(crops_total / seconds, 2),
             "views_per_s": round(views_total / seconds, 2),
-            "data_s": round(data_seconds, 3), "data_views_per_s": round(views_total / max(data_seconds, 1e-9), 2)}
+            "data_s": round(data_seconds, 3), "data_views_per_s": round(views_total / max(data_seconds, 1e-9), 2),
+            "s_per_step": round(seconds / iterations, 4), "warmup_s": round(warmup_seconds, 2),
+            "sync_each_step": sync_each_step}
 
 
 def benchmark_pretrain(
@@ -160,6 +176,8 @@ def benchmark_pretrain(
     datalist: str = "",
     dataset_dir: str = "",
     num_phantoms: int = 2,
+    phantom_shape: Sequence[int] = (64, 64, 32),
+    phantom_spacing: float = 3.0,
     init_filters: int = 8,
     patch_size: Sequence[int] = (16, 64, 64),
     num_crops: int = 4,
@@ -169,6 +187,8 @@ def benchmark_pretrain(
     device: str = "",
     amp: bool = True,
     channels_last: bool = True,
+    variants: str | Sequence[str] = "",
+    sync_each_step: bool = False,
     output: str = "",
     work_dir: str = "",
 ) -> dict:
@@ -178,6 +198,8 @@ def benchmark_pretrain(
         datalist: decathlon datalist of CTs ("training" list); empty: ``num_phantoms`` body phantoms.
         dataset_dir: base folder of the datalist's relative paths.
         num_phantoms: phantoms to write when no datalist is given.
+        phantom_shape: their voxel counts (R, A, S); a CT-sized grid on a GPU, e.g. 320,320,200.
+        phantom_spacing: their isotropic voxel size (mm).
         init_filters: encoder width (8 on a CPU, 32 for the contract).
         patch_size: crop size (D, H, W).
         num_crops: crops per scan.
@@ -187,11 +209,18 @@ def benchmark_pretrain(
         device: ``cuda`` or ``cpu`` (default: cuda when available).
         amp: bf16 autocast on CUDA (the bundle path; the baseline stays fp32).
         channels_last: ``channels_last_3d`` on CUDA (the bundle path).
+        variants: comma-separated bundle-path variants to time against the same cache and the
+            same baseline, each a ``+``-joined subset of ``bf16``, ``cl`` (channels_last_3d) and
+            ``compile`` (torch.compile), or ``fp32``; e.g. ``fp32,bf16,bf16+cl,bf16+cl+compile``.
+            Empty: one variant from ``amp`` and ``channels_last``.
+        sync_each_step: wait for the device after getting the views and after each step (shows
+            the data time apart from compute; the trainer does not wait, so throughput is lower).
         output: optional JSON file for the results (written atomically).
         work_dir: folder for phantoms and the cache (default: a temporary folder).
 
     Returns:
-        ``{"device", "settings", "cache_build_s", "bundle": {...}, "plain_monai": {...}, "speedup"}``.
+        ``{"device", "settings", "cache_build_s", "bundle": {...}, "plain_monai": {...}, "speedup"}``;
+        with ``variants``, ``"variants": {name: {...}}`` and the speedup of each.
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = dev.type == "cuda"
@@ -202,7 +231,7 @@ def benchmark_pretrain(
             import phantom
 
             phantom.make_dataset(output_dir=str(work / "phantoms"), num_cases=num_phantoms, kind="body",
-                                 shape=(64, 64, 32), spacing=3.0)
+                                 shape=tuple(phantom_shape), spacing=float(phantom_spacing))
             items = json.loads((work / "phantoms" / "datalist.json").read_text())
             (work / "phantoms" / "pretrain.json").write_text(
                 json.dumps({"training": items["training"] + items["validation"]}))
@@ -214,34 +243,73 @@ def benchmark_pretrain(
             "batch_size": batch_size, "num_workers": num_workers, "device": f"$torch.device('{dev}')",
             "amp": amp, "channels_last": channels_last, "resume": False,
         }
-        parser = _parser(overrides)
+        if isinstance(variants, str):
+            variants = [v.strip() for v in variants.split(",") if v.strip()]
+        if not variants:
+            variants = ["+".join(["bf16"] * bool(amp) + ["cl"] * bool(channels_last)) or "fp32"]
+        timed: dict[str, dict] = {}
+        cache_seconds = 0.0
+        for number, variant in enumerate(variants):
+            flags = set(variant.split("+")) - {"fp32"}
+            unknown = flags - {"bf16", "cl", "compile"}
+            if unknown:
+                raise ValueError(f"unknown variant flag(s) {sorted(unknown)} in {variant!r}: use bf16, cl, compile")
+            torch.manual_seed(0)
+            parser = _parser({**overrides, "amp": "bf16" in flags, "channels_last": "cl" in flags})
+            network, loss = parser.get_parsed_content("network"), parser.get_parsed_content("loss")
+            optimizer = parser.get_parsed_content("optimizer")
+            if number == 0:
+                dataset = parser.get_parsed_content("train#dataset")
+                start = time.perf_counter()
+                import scripts
+
+                scripts.data.build_cache(dataset, shard_index=0, num_shards=1)
+                cache_seconds = time.perf_counter() - start
+            loader = parser.get_parsed_content("train#dataloader")
+            prepare = parser.get_parsed_content("train#prepare_batch")
+            model = torch.compile(network) if "compile" in flags else network
+            print(f"timing bundle path {variant} ...", flush=True)
+            try:
+                timed[variant] = _time_steps(loader, lambda b, d, p=prepare: p(b, d, non_blocking=True), model,
+                                             loss, optimizer, dev, iterations, "bf16" in flags and cuda,
+                                             sync_each_step)
+            except Exception as e:  # e.g. torch.compile unavailable: report it, time the others
+                timed[variant] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            print(json.dumps({variant: timed[variant]}), flush=True)
+            if output:  # partial results survive a time limit
+                atomic_write_text(output, json.dumps({"variants": timed}, indent=2) + "\n")
+            del loader, model
+        print("timing plain MONAI ...", flush=True)
+        torch.manual_seed(0)
+        parser = _parser({**overrides, "amp": False, "channels_last": False})
         network, loss = parser.get_parsed_content("network"), parser.get_parsed_content("loss")
         optimizer = parser.get_parsed_content("optimizer")
-        dataset = parser.get_parsed_content("train#dataset")
-        start = time.perf_counter()
-        import scripts
-
-        scripts.data.build_cache(dataset, shard_index=0, num_shards=1)
-        cache_seconds = time.perf_counter() - start
-        loader = parser.get_parsed_content("train#dataloader")
-        prepare = parser.get_parsed_content("train#prepare_batch")
-        ours = _time_steps(loader, lambda b, d: prepare(b, d, non_blocking=True), network, loss, optimizer, dev,
-                           iterations, amp and cuda)
-        plain_loader, plain_prepare = _plain_monai_loader(parser, dataset.data, batch_size, num_workers)
-        network = network.to(memory_format=torch.contiguous_format)
-        plain = _time_steps(plain_loader, plain_prepare, network, loss, optimizer, dev, iterations, False)
+        plain_loader, plain_prepare = _plain_monai_loader(parser, parser.get_parsed_content("train#dataset").data,
+                                                          batch_size, num_workers)
+        plain = _time_steps(plain_loader, plain_prepare, network, loss, optimizer, dev, iterations, False,
+                            sync_each_step)
     threads = torch.get_num_threads()
     name = torch.cuda.get_device_name(dev) if cuda else f"CPU ({os.cpu_count()} cores visible, {threads} threads)"
+    ok = [name for name in variants if "error" not in timed[name]]
+    if not ok:
+        raise RuntimeError(f"every bundle variant failed: {json.dumps(timed)}")
+    ours = timed[ok[-1]]
     result = {
         "device": name,
+        "torch": torch.__version__,
         "settings": {"init_filters": init_filters, "patch_size": list(patch_size), "num_crops": num_crops,
                      "batch_size": batch_size, "views_per_step": 2 * num_crops * batch_size,
-                     "num_workers": num_workers, "amp": amp and cuda, "channels_last": channels_last and cuda},
+                     "num_workers": num_workers, "bundle_variant": ok[-1]},
         "cache_build_s": round(cache_seconds, 3),
         "bundle": ours,
         "plain_monai": plain,
         "speedup": round(ours["crops_per_s"] / plain["crops_per_s"], 2),
     }
+    if len(variants) > 1:
+        result["variants"] = {
+            name: {**values, "speedup": round(values["crops_per_s"] / plain["crops_per_s"], 2)} if name in ok else values
+            for name, values in timed.items()
+        }
     if output:
         atomic_write_text(output, json.dumps(result, indent=2) + "\n")
     return result

@@ -78,7 +78,7 @@ def _network(init_filters: int, num_classes: int):
 
 
 def _plain(*, image: str, weights: str, output_dir: str, init_filters: int, num_classes: int, spacing: list,
-           roi_size: list, sw_batch_size: int, overlap: float) -> float:
+           roi_size: list, sw_batch_size: int, overlap: float, device: str, network=None) -> tuple[float, object]:
     """Plain MONAI pipeline; returns the seconds from read to write."""
     import numpy as np
     import torch
@@ -86,9 +86,10 @@ def _plain(*, image: str, weights: str, output_dir: str, init_filters: int, num_
     from monai.transforms import (Activationsd, AsDiscreted, Compose, EnsureChannelFirstd, Invertd, LoadImaged,
                                   Orientationd, SaveImaged, ScaleIntensityRanged, Spacingd)
 
-    network = _network(init_filters, num_classes)
-    network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    network.eval()
+    if network is None:
+        network = _network(init_filters, num_classes)
+        network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        network.to(device).eval()
     pre = Compose([
         LoadImaged(keys="image", image_only=True),
         EnsureChannelFirstd(keys="image"),
@@ -107,14 +108,14 @@ def _plain(*, image: str, weights: str, output_dir: str, init_filters: int, num_
     start = time.perf_counter()
     with torch.no_grad():
         data = pre({"image": image})
-        data["pred"] = inferer(data["image"].unsqueeze(0), network)[0]
+        data["pred"] = inferer(data["image"].unsqueeze(0).to(device), network)[0]
         post(data)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, network
 
 
 def _bundle(*, image: str, weights: str, output_dir: str, init_filters: int, num_classes: int, preset: str,
-            overrides: dict) -> float:
-    """The bundle's inference.json ``run``; returns the seconds from read to write."""
+            overrides: dict, repeats: int) -> list[dict]:
+    """The bundle's inference.json ``run``, ``repeats`` times; returns each run's seconds and stages."""
     from monai.bundle import ConfigParser
 
     sys.path.insert(0, str(BUNDLE_ROOT))
@@ -123,17 +124,24 @@ def _bundle(*, image: str, weights: str, output_dir: str, init_filters: int, num
     parser.update({"input": image, "output_dir": output_dir, "ckpt": weights, "init_filters": init_filters,
                    "num_classes": num_classes, "preset": preset, "save_csv": False, "save_preview": False,
                    **overrides})
-    parser.parse()
-    parser.get_parsed_content("network")  # built (and its weights allocated) before the clock starts
-    start = time.perf_counter()
-    parser.get_parsed_content("run")
-    return time.perf_counter() - start
+    runs = []
+    for repeat in range(repeats):
+        out = Path(output_dir) / f"repeat{repeat}"
+        parser["output_dir"] = str(out)
+        parser.parse(reset=True)
+        parser.get_parsed_content("network")  # built (and its weights allocated) before the clock starts
+        start = time.perf_counter()
+        parser.get_parsed_content("run")
+        seconds = time.perf_counter() - start
+        summary = json.loads((out / "summary.json").read_text())
+        runs.append({"seconds": round(seconds, 3), "stages": summary["cases"][0].get("stages", {})})
+    return runs
 
 
 def run_pipeline(*, pipeline: str, image: str, weights: str, output_dir: str, init_filters: int = 32,
                  num_classes: int = 118, spacing: str | Sequence[float] = "1.5,1.5,1.5",
                  roi_size: str | Sequence[int] = "96,160,160", sw_batch_size: int = 2, overlap: float = 0.625,
-                 threads: int = 2) -> dict:
+                 threads: int = 2, device: str = "", amp: bool = True, repeats: int = 1) -> dict:
     """Run one pipeline on one image in this process and print its result (the subprocess side).
 
     Args:
@@ -148,31 +156,43 @@ def run_pipeline(*, pipeline: str, image: str, weights: str, output_dir: str, in
         sw_batch_size: windows per network call.
         overlap: sliding-window overlap of ``plain`` and ``bundle``; ``fast`` uses its preset's.
         threads: torch intra-op threads.
+        device: ``cuda`` or ``cpu`` (default: cuda when available).
+        amp: bf16 autocast of the bundle on CUDA (the plain pipeline stays float32).
+        repeats: runs in this process (on a GPU the first one pays for CUDA and cuDNN warm-up);
+            ``seconds`` is the last one's.
 
     Returns:
-        ``{"pipeline", "seconds", "peak_rss_gb", "output"}`` (also printed after ``BENCH_RESULT``).
+        ``{"pipeline", "seconds", "peak_rss_gb", "output", "runs"}`` (also printed after ``BENCH_RESULT``).
     """
     import torch
 
     torch.set_num_threads(int(threads))
     spacing, roi_size = _as_list(spacing, float), _as_list(roi_size, int)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    repeats = max(1, int(repeats))
     if pipeline == "plain":
-        seconds = _plain(image=image, weights=weights, output_dir=output_dir, init_filters=init_filters,
-                         num_classes=num_classes, spacing=spacing, roi_size=roi_size, sw_batch_size=sw_batch_size,
-                         overlap=overlap)
-    elif pipeline == "bundle":
-        seconds = _bundle(image=image, weights=weights, output_dir=output_dir, init_filters=init_filters,
-                          num_classes=num_classes, preset="full",
-                          overrides={"spacing": spacing, "roi_size": roi_size, "sw_batch_size": sw_batch_size,
-                                     "overlap": overlap})
-    elif pipeline == "fast":
-        seconds = _bundle(image=image, weights=weights, output_dir=output_dir, init_filters=init_filters,
-                          num_classes=num_classes, preset="fast", overrides={})
+        runs, network = [], None
+        for repeat in range(repeats):
+            seconds, network = _plain(image=image, weights=weights, output_dir=str(Path(output_dir) / f"repeat{repeat}"),
+                                      init_filters=init_filters, num_classes=num_classes, spacing=spacing,
+                                      roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, device=dev,
+                                      network=network)
+            runs.append({"seconds": round(seconds, 3)})
+    elif pipeline in ("bundle", "fast"):
+        preset_overrides = {"spacing": spacing, "roi_size": roi_size, "overlap": overlap} if pipeline == "bundle" else {}
+        runs = _bundle(image=image, weights=weights, output_dir=output_dir, init_filters=init_filters,
+                       num_classes=num_classes, preset="full" if pipeline == "bundle" else "fast",
+                       overrides={**preset_overrides, "sw_batch_size": sw_batch_size,
+                                  "device": f"$torch.device('{dev}')", "amp": amp},
+                       repeats=repeats)
     else:
         raise ValueError(f"unknown pipeline {pipeline!r}: use plain, bundle or fast")
+    seconds = runs[-1]["seconds"]
     outputs = sorted(str(p) for p in Path(output_dir).rglob("*_seg.nii.gz"))
     result = {"pipeline": pipeline, "seconds": round(seconds, 2), "peak_rss_gb": round(_peak_rss_gb(), 2),
-              "output": outputs[0] if outputs else None}
+              "output": outputs[0] if outputs else None, "runs": runs, "device": str(dev)}
+    if dev.type == "cuda":
+        result["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated(dev) / 1024**3, 2)
     print(RESULT_TAG + json.dumps(result), flush=True)
     return result
 
@@ -211,6 +231,7 @@ def bench_wholebody_seg(
     *,
     shape: str | Sequence[int] = "223,201,243",
     spacing: float = 1.5,
+    ct_spacing: str | Sequence[float] = "",
     image: str = "",
     init_filters: int = 32,
     num_classes: int = 118,
@@ -219,6 +240,9 @@ def bench_wholebody_seg(
     overlap: float = 0.25,
     pipelines: str | Sequence[str] = "bundle,fast,plain",
     threads: int = 2,
+    device: str = "",
+    amp: bool = True,
+    repeats: int = 1,
     seed: int = 0,
     workdir: str = "",
     output: str = "",
@@ -228,8 +252,10 @@ def bench_wholebody_seg(
 
     Args:
         shape: voxel counts of the synthetic body CT (R, A, S), used when ``image`` is empty.
-        spacing: isotropic voxel size (mm) of the synthetic CT and the resampling spacing of
-            ``plain`` and ``bundle`` (the fast preset uses its own).
+        spacing: isotropic resampling spacing (mm) of ``plain`` and ``bundle`` (the fast preset
+            uses its own), and the synthetic CT's voxel size unless ``ct_spacing`` is given.
+        ct_spacing: voxel sizes of the synthetic CT (mm, R, A, S), e.g. ``0.8,0.8,1.5`` for a
+            typical 512 x 512 x 300 body CT.
         image: a CT to use instead of the synthetic one.
         init_filters: network width (32 = the released model).
         num_classes: output channels (118 = TotalSegmentator v2 + background).
@@ -239,6 +265,10 @@ def bench_wholebody_seg(
             the reference inference setting: 0.625).
         pipelines: comma-separated subset of ``bundle,fast,plain``, run in that order.
         threads: torch intra-op threads of each pipeline.
+        device: ``cuda`` or ``cpu`` for every pipeline (default: cuda when available).
+        amp: bf16 autocast of the bundle on CUDA (``plain`` is always float32, as the reference).
+        repeats: runs per pipeline in its process; the last one is reported (on a GPU the first
+            pays for CUDA and cuDNN warm-up).
         seed: seeds the phantom and the random network weights.
         workdir: folder for the CT, weights and outputs (default: a temporary folder).
         output: JSON file for the results (optional).
@@ -257,13 +287,16 @@ def bench_wholebody_seg(
     labels_path = ""
     if not image:
         shape = tuple(_as_list(shape, int))
-        ct, labels, affine = phantom.make_body_phantom(shape=shape, spacing=float(spacing), seed=seed)
+        grid_spacing = tuple(_as_list(ct_spacing, float)) if ct_spacing else float(spacing)
+        ct, labels, affine = phantom.make_body_phantom(shape=shape, spacing=grid_spacing, seed=seed)
         image, labels_path = str(work / "ct.nii.gz"), str(work / "ct_labels.nii.gz")
         phantom.save_phantom(ct, labels, affine, image_path=image, label_path=labels_path)
     torch.manual_seed(seed)
     weights = str(work / "random_init_weights.pt")
     torch.save(_network(int(init_filters), int(num_classes)).state_dict(), weights)
     settings = {"image": image, "shape": list(shape) if labels_path else "from the image", "spacing_mm": spacing,
+                "ct_spacing_mm": _as_list(ct_spacing, float) if ct_spacing else spacing, "device": device or "auto",
+                "amp": amp, "repeats": repeats,
                 "init_filters": init_filters, "num_classes": num_classes, "roi_size": _as_list(roi_size, int),
                 "sw_batch_size": sw_batch_size, "overlap": overlap, "threads": threads,
                 "weights": "random init (speed and memory only)"}
@@ -274,8 +307,10 @@ def bench_wholebody_seg(
                f"--image={image}", f"--weights={weights}", f"--output_dir={out_dir}", f"--init_filters={init_filters}",
                f"--num_classes={num_classes}", f"--spacing={','.join(str(float(spacing)) for _ in range(3))}",
                f"--roi_size={','.join(str(v) for v in _as_list(roi_size, int))}", f"--sw_batch_size={sw_batch_size}",
-               f"--overlap={overlap}", f"--threads={threads}"]
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(BUNDLE_ROOT)}
+               f"--overlap={overlap}", f"--threads={threads}", f"--device={device}", f"--amp={amp}",
+               f"--repeats={repeats}"]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": os.pathsep.join(
+            [str(BUNDLE_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
         print(f"running {pipeline} ...", flush=True)
         wall = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
@@ -287,12 +322,15 @@ def bench_wholebody_seg(
             result["process_wall_s"] = round(time.perf_counter() - wall, 2)
         print(json.dumps(result), flush=True)
         results.append(result)
+        if output:  # after every pipeline, so a run stopped by a time limit still leaves its figures
+            atomic_write_text(output, json.dumps({"settings": settings, "results": results}, indent=2) + "\n")
     report: dict = {"settings": settings, "results": results}
     if labels_path and "fast" in _as_list(pipelines):
         fast_spacing = FAST_PRESET_SPACING
         report["fast_resolution_ceiling_dice"] = {
             "spacing_mm": list(fast_spacing),
-            **resolution_ceiling_dice(labels_path, [float(spacing)] * 3, fast_spacing),
+            **resolution_ceiling_dice(labels_path, settings["ct_spacing_mm"] if ct_spacing else [float(spacing)] * 3,
+                                      fast_spacing),
         }
     by_name = {r["pipeline"]: r for r in results if "seconds" in r}
     if "plain" in by_name and "bundle" in by_name:
