@@ -421,6 +421,9 @@ def test_fetch_verifies_sha256_and_refuses_a_tampered_zip(dist, server, tmp_path
     assert pb.verify(str(good), model_info=str(dist["out"] / "model_info.json"))["hash_checked"] is True
     with pytest.raises(dl.IntegrityError, match="SHA-256 mismatch"):
         pb.verify(str(tampered), model_info=str(dist["out"] / "model_info.json"))
+    renamed = shutil.copy(good, tmp_path / f"{SEG}_v9.9.9.zip")  # a name that lies about the version
+    with pytest.raises(pb.PackagingError, match=f"holds {SEG} version {version}, expected name {name}"):
+        pb.verify(str(renamed))
     with pytest.raises(dl.IntegrityError):
         pb.download(f"{url}/tampered/{name}", sha256=expected, bundle_dir=str(tmp_path / "zoo2"))
     assert not (tmp_path / "zoo2" / SEG).exists()

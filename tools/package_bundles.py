@@ -532,12 +532,12 @@ def verify(zip_path: str, *, sha256: str | None = None, model_info: str | None =
     """Check a bundle zip without extracting it: hash, safe members, zoo layout, version.
 
     Args:
-        zip_path: ``<bundle>_v<version>.zip``.
+        zip_path: ``<bundle>_v<version>.zip`` (or ``<bundle>.zip``, as ``monai.bundle download`` saves it).
         sha256: expected SHA-256 (or take it from ``model_info``).
         model_info: a ``model_info.json`` with the zip's entry.
 
     Returns:
-        ``{"bundle", "version", "sha256", "members"}``.
+        ``{"bundle", "version", "sha256", "members", "hash_checked"}``.
 
     Raises:
         IntegrityError, UnsafeArchiveError, PackagingError: naming what is wrong.
@@ -553,7 +553,8 @@ def verify(zip_path: str, *, sha256: str | None = None, model_info: str | None =
             meta = json.loads(archive.read(f"{top}/configs/metadata.json"))
         except KeyError:
             raise PackagingError(f"{path}: no {top}/configs/metadata.json: not a bundle zip") from None
-    if path.name != zip_name(top, meta.get("version", "")):
+    # the zoo's name must match what the zip holds (``monai.bundle download --name`` saves it as ``<bundle>.zip``)
+    if path.name not in (zip_name(top, meta.get("version", "")), f"{top}.zip"):
         raise PackagingError(
             f"{path}: holds {top} version {meta.get('version')}, expected name {zip_name(top, meta.get('version', ''))}"
         )
