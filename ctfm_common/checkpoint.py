@@ -83,3 +83,41 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint") -
     if best:
         logger.info(f"resuming from {best}")
     return best
+
+
+def training_state(**objects) -> dict:
+    """What a training checkpoint holds: the objects given (``None`` dropped) plus the trainer's
+    mixed-precision ``GradScaler`` as ``scaler`` when it has one (MONAI trainers make one when
+    ``amp`` is on), so a resumed run continues with the same loss scale.
+
+    Example (config): ``{"_target_": "scripts.checkpoint.training_state", "network": "@network",
+    "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler", "trainer": "@train#trainer"}``.
+    """
+    state = {name: obj for name, obj in objects.items() if obj is not None}
+    scaler = getattr(objects.get("trainer"), "scaler", None)
+    if scaler is not None:
+        state.setdefault("scaler", scaler)
+    return state
+
+
+def resumable_state(state: dict, checkpoint: str | os.PathLike) -> dict:
+    """The part of ``state`` that ``checkpoint`` holds, for ``CheckpointLoader``'s ``load_dict``.
+
+    A checkpoint written without mixed precision has no ``scaler``; resuming it with ``amp`` on
+    starts a fresh loss scale (logged) instead of failing. Everything else must be there.
+    """
+    if not checkpoint:
+        return state
+    import torch
+
+    try:
+        keys = set(torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True))
+    except Exception as e:
+        raise RuntimeError(f"{checkpoint}: cannot read this checkpoint to resume from it ({e})") from e
+    optional = {"scaler"}
+    missing = sorted(set(state) - keys - optional)
+    if missing:
+        raise RuntimeError(f"{checkpoint}: cannot resume, the checkpoint has no {', '.join(missing)}")
+    for name in sorted((set(state) & optional) - keys):
+        logger.warning(f"{checkpoint} holds no {name}: starting it afresh")
+    return {name: obj for name, obj in state.items() if name in keys}

@@ -125,3 +125,38 @@ def test_atomic_checkpoint_saver_replaces_fixed_names_and_resume_finds_the_lates
         shutil.copy(tmp_path / "last.pt", tmp_path / name)
     assert checkpoint.latest_checkpoint(tmp_path).endswith("checkpoint_epoch=10.pt")
     assert checkpoint.latest_checkpoint(tmp_path / "none") == ""
+
+
+def test_training_state_keeps_the_loss_scale_and_resumes_older_checkpoints(tmp_path, caplog):
+    from ignite.engine import Engine
+    from ignite.handlers import Checkpoint
+
+    def trainer_with_scaler(scale: float | None):
+        engine = Engine(lambda e, b: None)
+        engine.scaler = None
+        if scale is not None:  # what a MONAI trainer holds with amp on
+            engine.scaler = torch.amp.GradScaler("cpu", init_scale=65536.0)
+            engine.scaler.scale(torch.ones(()))
+            engine.scaler.update(new_scale=scale)
+        return engine
+
+    net = torch.nn.Linear(2, 1)
+    saved = checkpoint.training_state(network=net, lr_scheduler=None, trainer=trainer_with_scaler(8.0))
+    assert sorted(saved) == ["network", "scaler", "trainer"], "None dropped, the GradScaler added"
+    path = tmp_path / "checkpoint_iteration=5.pt"
+    torch.save({name: obj.state_dict() for name, obj in saved.items()}, path)
+
+    fresh = checkpoint.training_state(network=torch.nn.Linear(2, 1), trainer=trainer_with_scaler(65536.0))
+    Checkpoint.load_objects(checkpoint.resumable_state(fresh, str(path)), str(path))
+    assert fresh["scaler"].get_scale() == 8.0, "the loss scale continues where it stopped"
+    assert torch.equal(fresh["network"].weight, net.weight)
+
+    no_amp = tmp_path / "checkpoint_iteration=6.pt"  # written by a run without amp
+    torch.save({"network": net.state_dict(), "trainer": saved["trainer"].state_dict()}, no_amp)
+    with caplog.at_level("WARNING"):
+        loadable = checkpoint.resumable_state(fresh, str(no_amp))
+    assert sorted(loadable) == ["network", "trainer"] and "holds no scaler" in caplog.text
+    torch.save({"trainer": saved["trainer"].state_dict()}, no_amp)
+    with pytest.raises(RuntimeError, match=r"checkpoint_iteration=6.pt: cannot resume, the checkpoint has no network"):
+        checkpoint.resumable_state(fresh, str(no_amp))
+    assert checkpoint.resumable_state(fresh, "") is fresh, "nothing to resume: everything stays"

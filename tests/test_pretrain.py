@@ -136,6 +136,58 @@ def test_intra_sample_ignores_cross_scan_pairs_and_crop_order(pretrain_scripts):
         loss(z[:3], groups[:3])
 
 
+_RANK_SCRIPT = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+from losses import IntraSampleNTXentLoss  # the module alone: it needs only torch
+rank, world, init, out, sizes = int(sys.argv[2]), 2, sys.argv[3], sys.argv[4], [int(n) for n in sys.argv[5].split(",")]
+dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+torch.manual_seed(0)
+z = torch.randn(sum(sizes), 8)
+groups = torch.tensor([(c // 6, (c % 6) // 2) for c in range(sum(sizes))])  # 3 crops x 2 views per scan
+begin = sum(sizes[:rank])
+local = z[begin : begin + sizes[rank]].clone().requires_grad_(True)
+loss = IntraSampleNTXentLoss(temperature=0.1, intra_sample=False)(local, groups[begin : begin + sizes[rank]])
+loss.backward()
+torch.save({"loss": loss.detach(), "grad": local.grad}, out)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("sizes", [(12, 12), (12, 6)], ids=["even", "short_last_batch"])
+def test_simclr_negatives_span_every_rank(pretrain_scripts, tmp_path, sizes):
+    """Under DDP the SimCLR variant's loss and gradients are those of the whole global batch."""
+    script = tmp_path / "rank.py"
+    script.write_text(_RANK_SCRIPT)
+    init = f"file://{tmp_path / 'rendezvous'}"
+    procs = [
+        subprocess.Popen([sys.executable, str(script), str(BUNDLES_DIR / BUNDLE / "scripts"), str(rank), init,
+                          str(tmp_path / f"rank{rank}.pt"), ",".join(map(str, sizes))],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in range(2)
+    ]
+    for proc in procs:
+        output, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, output
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    # the same views in one process; each rank's scans are distinct scans
+    torch.manual_seed(0)
+    z = torch.randn(sum(sizes), 8, requires_grad=True)
+    groups = torch.tensor([(c // 6, (c % 6) // 2) for c in range(sum(sizes))])
+    whole = pretrain_scripts.losses.IntraSampleNTXentLoss(temperature=0.1, intra_sample=False)(z, groups)
+    whole.backward()
+    n = torch.tensor(sizes, dtype=torch.float64)
+    per_rank = torch.stack([r["loss"].double() for r in ranks])
+    assert float((per_rank * n).sum() / n.sum()) == pytest.approx(whole.item(), rel=1e-5)
+    # a rank that saw only its own batch would score a different (easier) loss
+    alone = pretrain_scripts.losses.IntraSampleNTXentLoss(temperature=0.1, intra_sample=False)(
+        z[: sizes[0]].detach(), groups[: sizes[0]])
+    assert alone.item() != pytest.approx(ranks[0]["loss"].item(), rel=1e-3)
+    if sizes[0] == sizes[1]:  # DDP averages gradients over ranks: each rank holds world x dL/dz
+        grads = torch.cat([r["grad"] for r in ranks]) / 2
+        assert torch.allclose(grads, z.grad, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------
 # the view pipeline (cache -> crops -> views), built from train.json as the trainer builds it
 # ------------------------------------------------------------------------------------------------

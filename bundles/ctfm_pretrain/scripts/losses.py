@@ -13,8 +13,39 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+
+def _gather_across_ranks(z: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every rank's embeddings (differentiable) and groups, with this rank's rows marked.
+
+    Ranks may hold different numbers of views (a short last batch): rows are padded to the
+    largest count for the collective and the padding is dropped again.
+
+    Returns:
+        ``(z_all, groups_all, local_rows)``: ``groups_all`` is ``(N_all, 3)`` ``(rank, scan, crop)``
+        and ``local_rows`` the indices of this rank's views in ``z_all``.
+    """
+    from torch.distributed.nn.functional import all_gather
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    count = torch.tensor([len(z)], device=z.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    counts = [int(c) for c in counts]
+    size = max(counts)
+    padded = torch.cat([z, z.new_zeros(size - len(z), z.shape[1])])
+    tagged = torch.cat([torch.full_like(groups[:, :1], rank), groups], dim=1)
+    tagged = torch.cat([tagged, tagged.new_full((size - len(z), 3), -1)])
+    z_parts = all_gather(padded)  # gradients flow back to the rank that made each row
+    group_parts = [torch.empty_like(tagged) for _ in range(world)]
+    dist.all_gather(group_parts, tagged)
+    z_all = torch.cat([part[:n] for part, n in zip(z_parts, counts)])
+    groups_all = torch.cat([part[:n] for part, n in zip(group_parts, counts)])
+    start = sum(counts[:rank])
+    return z_all, groups_all, torch.arange(start, start + len(z), device=z.device)
 
 
 class IntraSampleNTXentLoss(nn.Module):
@@ -26,7 +57,9 @@ class IntraSampleNTXentLoss(nn.Module):
     - ``intra_sample=True`` (CT-FM): the views of the *other crops of the same scan* only, so
       the network learns to tell apart regions of one body rather than one patient from
       another (with 15 crops x 2 views per scan: 1 positive, 28 negatives per view);
-    - ``intra_sample=False`` (standard SimCLR): every other view in the batch.
+    - ``intra_sample=False`` (standard SimCLR): every other view in the batch; under
+      ``torch.distributed`` (DDP), the views of every rank's batch (``gather_across_ranks``),
+      as SimCLR does across devices, so the negatives do not shrink as GPUs are added.
 
     Embeddings are L2-normalised; similarities are divided by ``temperature``. The loss is
     the mean over all views of ``-log(exp(s_pos) / sum_{j in candidates} exp(s_j))``, where
@@ -37,14 +70,19 @@ class IntraSampleNTXentLoss(nn.Module):
     Args:
         temperature: softmax temperature (0.1 in CT-FM).
         intra_sample: negatives from the same scan only (CT-FM) or from the whole batch.
+        gather_across_ranks: with ``intra_sample=False`` in a multi-process run, take negatives
+            from every rank (each rank's loss is the mean over its own views; DDP's gradient
+            average then equals the loss of the whole global batch). Intra-sample negatives
+            never cross scans, so there is nothing to gather for them.
     """
 
-    def __init__(self, temperature: float = 0.1, intra_sample: bool = True) -> None:
+    def __init__(self, temperature: float = 0.1, intra_sample: bool = True, gather_across_ranks: bool = True) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = float(temperature)
         self.intra_sample = bool(intra_sample)
+        self.gather_across_ranks = bool(gather_across_ranks)
 
     def forward(self, embeddings: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
         """Compute the loss.
@@ -64,11 +102,17 @@ class IntraSampleNTXentLoss(nn.Module):
                 f"expected embeddings (N, D) and groups (N, 2), got {tuple(embeddings.shape)} and {tuple(groups.shape)}"
             )
         z = F.normalize(embeddings.float(), dim=1)
-        logits = z @ z.t() / self.temperature
         groups = groups.to(embeddings.device)
-        same_scan = groups[:, 0, None] == groups[None, :, 0]
-        same_crop = same_scan & (groups[:, 1, None] == groups[None, :, 1])
-        not_self = ~torch.eye(len(z), dtype=torch.bool, device=z.device)
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if not self.intra_sample and self.gather_across_ranks and distributed:
+            z_all, groups_all, rows = _gather_across_ranks(z, groups)
+            groups = torch.cat([torch.full_like(groups[:, :1], dist.get_rank()), groups], dim=1)
+        else:  # this rank's batch only
+            z_all, groups_all, rows = z, groups, torch.arange(len(z), device=z.device)
+        logits = z @ z_all.t() / self.temperature
+        same_scan = (groups[:, None, :-1] == groups_all[None, :, :-1]).all(-1)
+        same_crop = same_scan & (groups[:, -1, None] == groups_all[None, :, -1])
+        not_self = rows[:, None] != torch.arange(len(z_all), device=z.device)[None, :]
         positives = same_crop & not_self
         if not bool(positives.any(dim=1).all()):
             raise ValueError("every crop needs at least two views: some view has no positive")
