@@ -104,6 +104,11 @@ def test_short_training_separates_held_out_phantoms(trained):
     # the best checkpoint carries the threshold chosen on validation with its own weights
     state = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
     assert state["threshold"].tolist() == pytest.approx([stored["thresholds"]["abnormal"]], abs=1e-6)
+    # the last checkpoint remembers the best score, so a resumed run does not replace model.pt with worse weights
+    last = torch.load(models / "model_last.pt", map_location="cpu", weights_only=True)
+    assert {"model", "optimizer", "trainer", "best_saver"} <= set(last)
+    (best_auc, best_file), = last["best_saver"]["_saved"]
+    assert best_file.startswith("model") and 0.5 < best_auc <= 1.0
 
     out = root / "eval_test"
     run_bundle(BUNDLE, TRAIN_EVAL, "run", timeout=300, output_dir=str(out), val_section="testing",

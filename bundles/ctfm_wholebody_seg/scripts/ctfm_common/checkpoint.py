@@ -63,7 +63,10 @@ class AtomicCheckpointSaver(CheckpointSaver):
         """The best-metric tracking state, so a resumed run keeps the best score to beat."""
         if self._key_metric_checkpoint is None:
             return {"_saved": []}
-        return self._key_metric_checkpoint.state_dict()
+        state = self._key_metric_checkpoint.state_dict()
+        # plain floats: a metric may be a NumPy scalar, which a weights_only load refuses
+        state["_saved"] = [(float(priority), str(name)) for priority, name in state["_saved"]]
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore :meth:`state_dict` (nothing to restore without key-metric saving)."""
@@ -107,7 +110,7 @@ def resumable_state(state: dict, checkpoint: str | os.PathLike) -> dict:
     A checkpoint written without mixed precision has no ``scaler``; resuming it with ``amp`` on
     starts a fresh loss scale (logged) instead of failing. Everything else must be there.
     """
-    if not checkpoint:
+    if not checkpoint or not os.path.isfile(checkpoint):  # nothing to resume (CheckpointLoader is disabled)
         return state
     import torch
 
@@ -122,3 +125,32 @@ def resumable_state(state: dict, checkpoint: str | os.PathLike) -> dict:
     for name in sorted((set(state) & optional) - keys):
         logger.warning(f"{checkpoint} holds no {name}: starting it afresh")
     return {name: obj for name, obj in state.items() if name in keys}
+
+
+def keep_schedule_length(trainer, lr_scheduler, **attributes) -> None:
+    """Set ``attributes`` of ``lr_scheduler`` (e.g. ``T_max=max_epochs``) when ``trainer`` starts.
+
+    Call it after attaching the ``CheckpointLoader``: a resumed run then follows the schedule
+    as configured now, not as restored from the checkpoint. Rerunning with a larger
+    ``max_epochs`` puts the rate where the longer schedule would have it at the current epoch
+    (for a cosine, its closed form) and continues along it, instead of climbing back up past the
+    old end or staying at its minimum.
+    """
+    from ignite.engine import Events
+
+    def refit(_engine) -> None:
+        changed = {name: value for name, value in attributes.items() if getattr(lr_scheduler, name) != value}
+        if not changed:
+            return
+        for name, value in changed.items():
+            logger.info(f"learning-rate schedule: {name} {getattr(lr_scheduler, name)} -> {value}")
+            setattr(lr_scheduler, name, value)
+        closed_form = getattr(lr_scheduler, "_get_closed_form_lr", None)
+        if closed_form is not None:
+            rates = closed_form()
+            for group, rate in zip(lr_scheduler.optimizer.param_groups, rates):
+                group["lr"] = rate
+            lr_scheduler._last_lr = list(rates)
+            logger.info(f"learning rate at epoch {lr_scheduler.last_epoch} of the new schedule: {rates[0]:.3g}")
+
+    trainer.add_event_handler(Events.STARTED, refit)
