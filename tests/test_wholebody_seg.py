@@ -319,3 +319,36 @@ def test_totalseg_layout_converts_to_label_maps_and_a_datalist(tmp_path):
     assert np.allclose(label.affine, affine) and values.dtype == np.uint8
     assert (values[:4] == 5).all() and (values[6:, 6:] == 1).all() and values[4:6].max() == 0  # liver 5, spleen 1
     assert (tmp_path / "out" / item["image"]).resolve() == (tmp_path / "ts" / "s0001" / "ct.nii.gz").resolve()
+
+
+def test_largest_component_keeps_one_blob_per_chosen_structure_only():
+    """``--largest_component`` (names or indices) drops stray islands of those structures and
+    leaves every other structure alone; an unknown name is refused by name."""
+    configs = BUNDLES_DIR / BUNDLE / "configs"
+    code = f"""
+import torch
+from monai.bundle import ConfigParser
+from monai.data import MetaTensor
+p = ConfigParser(); p.read_config({str(configs / 'inference.json')!r})
+p.update({{"largest_component": ["spleen", "5"]}}); p.parse()
+print("LABELS", p.get_parsed_content("largest_component_labels"))
+post = p.get_parsed_content("postprocessing").transforms[1]  # after argmax, before inverting
+pred = torch.zeros(1, 20, 20, 20)
+pred[0, 2:8, 2:8, 2:8] = 5; pred[0, 15:17, 15:17, 15:17] = 5     # label 5 (chosen): a big and a small blob
+pred[0, 10:14, 2:6, 2:6] = 7; pred[0, 18:20, 18:20, 0:2] = 7    # a structure not chosen: both blobs stay
+out = post({{"pred": MetaTensor(pred)}})["pred"]
+print("COUNTS", int((out == 5).sum()), int((out == 7).sum()))
+p.update({{"largest_component": ["not_an_organ"]}}); p.parse()
+try:
+    p.get_parsed_content("largest_component_labels")
+except Exception as e:
+    print("ERROR", repr(e.__cause__ or e))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=BUNDLES_DIR / BUNDLE, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = json.loads((configs / "metadata.json").read_text())["network_data_format"]["outputs"]["pred"]["channel_def"]
+    spleen = int(next(k for k, v in names.items() if v == "spleen"))
+    assert spleen != 5 and f"LABELS {sorted({spleen, 5})}" in proc.stdout
+    assert f"COUNTS {6 ** 3} {4 ** 3 + 2 ** 3}" in proc.stdout, proc.stdout
+    assert "ERROR" in proc.stdout and "not_an_organ" in proc.stdout

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 
@@ -90,3 +90,37 @@ def label_names(source: str | os.PathLike | Mapping | None, num_classes: int) ->
     """
     names = read_label_names(source)
     return {i: names.get(i, "background" if i == 0 else f"class_{i}") for i in range(num_classes)}
+
+
+def select_labels(selection: str | int | Sequence[str | int] | None, names: Mapping[int, str]) -> list[int]:
+    """Label indices from a selection of indices and/or names (``"all"``: every foreground label).
+
+    Args:
+        selection: e.g. ``["liver", "spleen", 5]``, ``"all"``, or empty for none.
+        names: ``{index: name}`` of the output channels (:func:`label_names`).
+
+    Returns:
+        Sorted foreground indices.
+
+    Raises:
+        ValueError: naming every entry that is neither a known name nor a foreground index.
+    """
+    if selection in (None, "", [], ()):
+        return []
+    if isinstance(selection, str) and selection.strip().lower() == "all":
+        return sorted(i for i in names if i > 0)
+    if isinstance(selection, (str, int)):
+        selection = [selection]
+    by_name = {name.lower(): index for index, name in names.items()}
+    chosen, unknown = set(), []
+    for entry in selection:
+        if isinstance(entry, str) and entry.strip().lower() in by_name:
+            chosen.add(by_name[entry.strip().lower()])
+        elif str(entry).strip().isdigit() and int(entry) > 0 and int(entry) in names:
+            chosen.add(int(entry))
+        else:
+            unknown.append(entry)
+    if unknown:
+        raise ValueError(f"unknown structure(s) {unknown}: give foreground indices 1..{max(names)} or names "
+                         f"such as {', '.join(names[i] for i in sorted(names)[1:4])}")
+    return sorted(chosen - {0})
