@@ -448,6 +448,29 @@ def test_approximate_index_recall_against_exact_search(large_index):
     assert recall >= 0.9, recall
 
 
+def test_search_depth_can_change_at_query_time_without_rebuilding(tmp_path):
+    vi = scripts.vector_index
+    rng = np.random.default_rng(1)
+    data = vi.normalize(rng.normal(size=(3000, 16)))  # uniform: the hard case for IVF
+    queries = vi.normalize(rng.normal(size=(40, 16)))
+    index, params = vi.make_index(data, exact_max=1000, large_index="ivf", nprobe=1)
+    rows = [{"case": f"c{i}", "source": "", "file": "", "label": ""} for i in range(len(data))]
+    folder = vi.save_index(index, rows, params, tmp_path / "index")
+    stored = {p.name: p.read_bytes() for p in folder.iterdir()}
+    exact = np.argsort(-(queries @ data.T), axis=1)[:, :10]
+
+    def recall(loaded) -> float:
+        _, found = loaded.search(queries, 10)
+        return float(np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact)]))
+
+    as_built, _, meta = vi.load_index(folder)
+    assert as_built.nprobe == 1 and meta["nprobe"] == 1
+    every_list, _, meta = vi.load_index(folder, nprobe=params["nlist"])
+    assert every_list.nprobe == params["nlist"] and meta["nprobe"] == params["nlist"]
+    assert recall(every_list) == 1.0 > recall(as_built)  # searching every list is exact
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == stored, "the index files are untouched"
+
+
 def _liver_centroid(label_path: Path) -> list[float]:
     labels = nib.load(str(label_path))
     voxels = np.argwhere(np.asanyarray(labels.dataobj) == phantom.BODY_LABELS["liver"]).mean(0)

@@ -50,7 +50,8 @@ def read_labels(labels: str, rows: Sequence[dict]) -> dict[str, str]:
 
 
 def evaluate_retrieval(
-    *, index_dir: str, output_dir: str, labels: str = "", ks: Sequence[int] = (1, 3, 5, 10), max_rank: int = 1000
+    *, index_dir: str, output_dir: str, labels: str = "", ks: Sequence[int] = (1, 3, 5, 10), max_rank: int = 1000,
+    nprobe: int | None = None, ef_search: int | None = None,
 ) -> dict:
     """Each labelled indexed scan queries the index (itself excluded); metrics by class agreement.
 
@@ -60,11 +61,12 @@ def evaluate_retrieval(
         labels: see :func:`read_labels`.
         ks: cut-offs for precision@k, AP@k, hit rate@k.
         max_rank: ranking depth used for AP/mAP (exact when the index holds fewer items).
+        nprobe, ef_search: search-time recall/speed of an IVF / HNSW index (default: as built).
 
     Returns:
         The summary (also written as JSON).
     """
-    index, rows, meta = load_index(index_dir)
+    index, rows, meta = load_index(index_dir, nprobe=nprobe, ef_search=ef_search)
     label_of = read_labels(labels, rows)
     base = (Path(index_dir) / meta["embeddings_dir"]).resolve()
     labelled = [i for i, r in enumerate(rows) if r["case"] in label_of]

@@ -101,6 +101,8 @@ def query_index(
     embedder: ScanEmbedder | None = None,
     dataset_dir: str | None = None,
     output_name: str = "neighbours",
+    nprobe: int | None = None,
+    ef_search: int | None = None,
 ) -> list[dict]:
     """Top-``k`` neighbours of each query, written to ``<output_dir>/<output_name>.csv`` and ``.json``.
 
@@ -110,11 +112,12 @@ def query_index(
         output_dir: results folder.
         k: neighbours per query.
         output_name: file stem of the results.
+        nprobe, ef_search: search-time recall/speed of an IVF / HNSW index (default: as built).
 
     Returns:
         One row per (query, rank): ``query, query_source, rank, case, source, label, score`` (cosine).
     """
-    index, rows, meta = load_index(index_dir)
+    index, rows, meta = load_index(index_dir, nprobe=nprobe, ef_search=ef_search)
     queries = query_vectors(
         input=input,
         index_settings=meta.get("settings", {}),

@@ -197,8 +197,14 @@ def save_index(index, rows: Sequence[Mapping], meta: Mapping, index_dir: str | o
     return out
 
 
-def load_index(index_dir: str | os.PathLike) -> tuple[object, list[dict], dict]:
-    """Read a persisted index: ``(faiss index, id rows, metadata)``."""
+def load_index(
+    index_dir: str | os.PathLike, *, nprobe: int | None = None, ef_search: int | None = None
+) -> tuple[object, list[dict], dict]:
+    """Read a persisted index: ``(faiss index, id rows, metadata)``.
+
+    ``nprobe`` (IVF) and ``ef_search`` (HNSW) trade speed for recall at search time; empty or
+    0: the values stored at build time. They do not change the files.
+    """
     faiss = _faiss()
     base = Path(index_dir)
     if not (base / "index.faiss").is_file():
@@ -210,9 +216,11 @@ def load_index(index_dir: str | os.PathLike) -> tuple[object, list[dict], dict]:
     if len(rows) != index.ntotal:
         raise ValueError(f"{base}: ids.csv lists {len(rows)} items but index.faiss holds {index.ntotal}")
     if meta.get("kind") == "ivf":
-        index.nprobe = int(meta["nprobe"])
+        index.nprobe = int(nprobe or meta["nprobe"])
+        meta = {**meta, "nprobe": int(index.nprobe)}
     elif meta.get("kind") == "hnsw":
-        index.hnsw.efSearch = int(meta["ef_search"])
+        index.hnsw.efSearch = int(ef_search or meta["ef_search"])
+        meta = {**meta, "ef_search": int(index.hnsw.efSearch)}
     return index, rows, meta
 
 
