@@ -150,6 +150,7 @@ local = z[begin : begin + sizes[rank]].clone().requires_grad_(True)
 loss = IntraSampleNTXentLoss(temperature=0.1, intra_sample=False)(local, groups[begin : begin + sizes[rank]])
 loss.backward()
 torch.save({"loss": loss.detach(), "grad": local.grad}, out)
+dist.barrier()  # both ranks done before either tears the group down
 dist.destroy_process_group()
 """
 

@@ -18,6 +18,23 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class _GatherWithGradient(torch.autograd.Function):
+    """``all_gather`` whose backward hands each rank the summed gradient of its own rows
+    (SimCLR's gather layer; only all_gather and all_reduce, which gloo and NCCL both have)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return tuple(parts)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:
+        summed = torch.stack(grads)
+        dist.all_reduce(summed)
+        return summed[dist.get_rank()]
+
+
 def _gather_across_ranks(z: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every rank's embeddings (differentiable) and groups, with this rank's rows marked.
 
@@ -28,8 +45,6 @@ def _gather_across_ranks(z: torch.Tensor, groups: torch.Tensor) -> tuple[torch.T
         ``(z_all, groups_all, local_rows)``: ``groups_all`` is ``(N_all, 3)`` ``(rank, scan, crop)``
         and ``local_rows`` the indices of this rank's views in ``z_all``.
     """
-    from torch.distributed.nn.functional import all_gather
-
     rank, world = dist.get_rank(), dist.get_world_size()
     count = torch.tensor([len(z)], device=z.device)
     counts = [torch.zeros_like(count) for _ in range(world)]
@@ -39,7 +54,7 @@ def _gather_across_ranks(z: torch.Tensor, groups: torch.Tensor) -> tuple[torch.T
     padded = torch.cat([z, z.new_zeros(size - len(z), z.shape[1])])
     tagged = torch.cat([torch.full_like(groups[:, :1], rank), groups], dim=1)
     tagged = torch.cat([tagged, tagged.new_full((size - len(z), 3), -1)])
-    z_parts = all_gather(padded)  # gradients flow back to the rank that made each row
+    z_parts = _GatherWithGradient.apply(padded)  # gradients flow back to the rank that made each row
     group_parts = [torch.empty_like(tagged) for _ in range(world)]
     dist.all_gather(group_parts, tagged)
     z_all = torch.cat([part[:n] for part, n in zip(z_parts, counts)])
