@@ -160,3 +160,12 @@ def test_training_state_keeps_the_loss_scale_and_resumes_older_checkpoints(tmp_p
     with pytest.raises(RuntimeError, match=r"checkpoint_iteration=6.pt: cannot resume, the checkpoint has no network"):
         checkpoint.resumable_state(fresh, str(no_amp))
     assert checkpoint.resumable_state(fresh, "") is fresh, "nothing to resume: everything stays"
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n")
+    assert runtime.cpu_has_native_bf16(info)
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n")  # bf16 only emulated here
+    assert not runtime.cpu_has_native_bf16(info)
+    assert not runtime.cpu_has_native_bf16(tmp_path / "absent")

@@ -36,7 +36,7 @@ from torch import nn
 
 from .ctfm_common import encoder as shared_encoder
 from .ctfm_common.inputs import case_name
-from .ctfm_common.runtime import as_bool, atomic_write
+from .ctfm_common.runtime import as_bool, atomic_write, cpu_has_native_bf16
 from .ctfm_common.validate import describe_failure
 from .labels import read_label_names
 
@@ -228,7 +228,7 @@ class CastOutput(nn.Module):
     ``SlidingWindowInferer`` accumulates windows in its input's dtype; feeding it a float16
     image through this wrapper stitches the logits in float16 (half the memory of the
     ``num_classes``-channel volume) while every convolution still runs in float32 (or bf16
-    under CUDA autocast).
+    under ``autocast``).
 
     Args:
         network: the segmentation network.
@@ -236,20 +236,24 @@ class CastOutput(nn.Module):
         batch_size: windows per network call (0: all the inferer gives at once).
         channels_last: feed the patches in ``torch.channels_last_3d`` memory format (the network
             must have been converted too); faster 3D convolutions on CPUs (oneDNN) and GPUs.
+        autocast: context factory the network call runs in (e.g. bf16 autocast).
     """
 
-    def __init__(self, network: nn.Module, dtype: torch.dtype, batch_size: int = 0, channels_last: bool = False) -> None:
+    def __init__(self, network: nn.Module, dtype: torch.dtype, batch_size: int = 0, channels_last: bool = False,
+                 autocast: Callable[[], contextlib.AbstractContextManager] | None = None) -> None:
         super().__init__()
         self.network = network
         self.dtype = dtype
         self.batch_size = batch_size
         self.channels_last = channels_last
+        self.autocast = autocast or contextlib.nullcontext
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        out = self.network(x)
+        with self.autocast():  # around the network only: the float16 stitching stays outside
+            out = self.network(x)
         if isinstance(out, (list, tuple)):  # deep supervision: the full-resolution output
             out = out[0]
         return out.to(self.dtype).contiguous()
@@ -324,7 +328,8 @@ def segment_cases(
         inferer: e.g. ``SlidingWindowInferer``; called as ``inferer(inputs, network)``.
         output_dir: output folder.
         device: where the network runs.
-        amp: bf16 autocast on CUDA (ignored on the CPU).
+        amp: bf16 autocast on CUDA, and on CPUs that compute bf16 natively (AVX512-BF16 / AMX;
+            about 2x faster 3D convolutions there); float32 elsewhere, or with ``amp`` false.
         label_names: index -> structure name for the CSV (or a JSON file of them).
         save_csv: write ``<case>_structures.csv`` (volume in ml and mean HU per structure).
         save_preview: write ``<case>_preview.png``.
@@ -355,12 +360,10 @@ def segment_cases(
     channels_last = as_bool(channels_last)
     if channels_last:
         network.to(memory_format=torch.channels_last_3d)
-    model = CastOutput(network, stitch or torch.float32, int(network_batch_size or 0), channels_last)
-    autocast = (
-        (lambda: torch.autocast(device_type="cuda", dtype=torch.bfloat16))
-        if amp and device.type == "cuda"
-        else contextlib.nullcontext
-    )
+    bf16 = amp and (device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()))
+    autocast = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if bf16 else None
+    model = CastOutput(network, stitch or torch.float32, int(network_batch_size or 0), channels_last, autocast)
+    logger.info(f"network precision: {'bfloat16 autocast' if bf16 else 'float32'} on {device}")
     paths = [str(item[key]) for item in items]
     cases = case_names(paths)
     results = []
@@ -382,8 +385,7 @@ def segment_cases(
                 if stitch is not None:  # the sliding window stitches in its input's dtype
                     inputs = inputs.to(stitch)
                 stages["read_preprocess_s"] = _lap(start, device)
-                with autocast():
-                    logits = inferer(inputs, model)
+                logits = inferer(inputs, model)
                 data[pred_key] = logits[0]  # argmax next: no float32 copy of every channel
                 del inputs, logits
                 stages["infer_s"] = _lap(start, device, stages)

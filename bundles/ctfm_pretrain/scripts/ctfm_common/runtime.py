@@ -112,3 +112,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write a text file atomically (see :func:`atomic_write`)."""
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def cpu_has_native_bf16(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bfloat16 dot products natively (AVX512-BF16 or AMX-BF16).
+
+    Where it does, bf16 autocast makes 3D convolutions about 2x faster on the CPU (oneDNN);
+    where it does not, bf16 is emulated and slower than float32. Linux only (``False`` elsewhere).
+    """
+    try:
+        flags = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
