@@ -163,7 +163,7 @@ def test_package_checks_ran_on_each_zipped_copy(dist):
     # the broken bundle: refused, naming the import that only worked inside the repository
     assert "ctfm_broken: checks of the zipped bundle failed" in dist["error"]
     assert "No module named 'ctfm_common'" in dist["error"]
-    assert not list(dist["out"].glob("ctfm_broken*")) and "ctfm_broken_v0.3.0" not in dist["info"]
+    assert not list(dist["out"].glob("ctfm_broken*")) and not any(k.startswith("ctfm_broken") for k in dist["info"])
 
 
 def test_packaging_refuses_bad_large_files_and_references_outside_the_bundle(tmp_path):
