@@ -247,6 +247,18 @@ def benchmark_pretrain(
             variants = [v.strip() for v in variants.split(",") if v.strip()]
         if not variants:
             variants = ["+".join(["bf16"] * bool(amp) + ["cl"] * bool(channels_last)) or "fp32"]
+        # the baseline first, so that a time limit hit by a slow variant (compilation) still leaves it
+        print("timing plain MONAI ...", flush=True)
+        torch.manual_seed(0)
+        parser = _parser({**overrides, "amp": False, "channels_last": False})
+        network, loss = parser.get_parsed_content("network"), parser.get_parsed_content("loss")
+        optimizer = parser.get_parsed_content("optimizer")
+        plain_loader, plain_prepare = _plain_monai_loader(parser, parser.get_parsed_content("train#dataset").data,
+                                                          batch_size, num_workers)
+        plain = _time_steps(plain_loader, plain_prepare, network, loss, optimizer, dev, iterations, False,
+                            sync_each_step)
+        print(json.dumps({"plain_monai": plain}), flush=True)
+        del plain_loader
         timed: dict[str, dict] = {}
         cache_seconds = 0.0
         for number, variant in enumerate(variants):
@@ -277,17 +289,8 @@ def benchmark_pretrain(
                 timed[variant] = {"error": f"{type(e).__name__}: {e}"[:2000]}
             print(json.dumps({variant: timed[variant]}), flush=True)
             if output:  # partial results survive a time limit
-                atomic_write_text(output, json.dumps({"variants": timed}, indent=2) + "\n")
+                atomic_write_text(output, json.dumps({"plain_monai": plain, "variants": timed}, indent=2) + "\n")
             del loader, model
-        print("timing plain MONAI ...", flush=True)
-        torch.manual_seed(0)
-        parser = _parser({**overrides, "amp": False, "channels_last": False})
-        network, loss = parser.get_parsed_content("network"), parser.get_parsed_content("loss")
-        optimizer = parser.get_parsed_content("optimizer")
-        plain_loader, plain_prepare = _plain_monai_loader(parser, parser.get_parsed_content("train#dataset").data,
-                                                          batch_size, num_workers)
-        plain = _time_steps(plain_loader, plain_prepare, network, loss, optimizer, dev, iterations, False,
-                            sync_each_step)
     threads = torch.get_num_threads()
     name = torch.cuda.get_device_name(dev) if cuda else f"CPU ({os.cpu_count()} cores visible, {threads} threads)"
     ok = [name for name in variants if "error" not in timed[name]]
