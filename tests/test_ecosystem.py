@@ -208,14 +208,14 @@ def test_packaging_refuses_bad_large_files_and_references_outside_the_bundle(tmp
     config = json.loads((bundle / "configs" / "inference.json").read_text())
     config.update(
         label_names="$json.load(open(@bundle_root + '/../ctfm_pretrain/labels.json'))",
-        dataset_dir="/work/data/totalseg",
+        dataset_dir="/mnt/datasets/totalseg",
         network_def="%../ctfm_pretrain/configs/train.json::network_def",
     )
     (bundle / "configs" / "inference.json").write_text(json.dumps(config))
     outside = "\n".join(pb.check_self_contained(bundle, all_bundles=BUNDLE_NAMES))
     assert "configs/inference.json::label_names" in outside and "a '..' path" in outside
     assert "another bundle (ctfm_pretrain)" in outside
-    assert "configs/inference.json::dataset_dir: '/work/data/totalseg' references an absolute path" in outside
+    assert "configs/inference.json::dataset_dir: '/mnt/datasets/totalseg' references an absolute path" in outside
     assert "configs/inference.json::network_def" in outside and "'%file::id' macro" in outside
     # weights, caches and run outputs never enter a zip
     for junk in ("models/model.pt", "models/encoder.safetensors", "scripts/__pycache__/x.pyc", "eval/x.nii.gz"):
