@@ -121,7 +121,7 @@ class IntraSampleNTXentLoss(nn.Module):
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if not self.intra_sample and self.gather_across_ranks and distributed:
             z_all, groups_all, rows = _gather_across_ranks(z, groups)
-            groups = torch.cat([torch.full_like(groups[:, :1], dist.get_rank()), groups], dim=1)
+            groups = groups_all[rows]  # this rank's views, tagged with the rank like the others
         else:  # this rank's batch only
             z_all, groups_all, rows = z, groups, torch.arange(len(z), device=z.device)
         logits = z @ z_all.t() / self.temperature
