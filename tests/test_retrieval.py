@@ -448,6 +448,34 @@ def test_approximate_index_recall_against_exact_search(large_index):
     assert recall >= 0.9, recall
 
 
+def test_default_ivf_keeps_fine_grained_clusters_together():
+    # many small classes (600 of 50 vectors, as in a large collection of many patients'
+    # organs): with the old ~sqrt(N) lists and nprobe 8 recall@10 was 0.875 here; the defaults
+    # (configs/index.json) must find nearly all true neighbours
+    vi = scripts.vector_index
+    defaults = json.loads((BUNDLES_DIR / "ctfm_retrieval" / "configs" / "index.json").read_text())
+    rng = np.random.default_rng(0)
+    dim = 64
+    centres = vi.normalize(rng.normal(size=(600, dim)))
+
+    def draw(n):
+        return vi.normalize(centres[rng.integers(0, 600, n)] + rng.normal(size=(n, dim)) / np.sqrt(dim))
+
+    data, queries = draw(30000), draw(100)
+    index, params = vi.make_index(
+        data,
+        exact_max=defaults["exact_max"],
+        nlist=defaults["nlist"],
+        train_size=defaults["train_size"],
+        nprobe=defaults["nprobe"],
+    )
+    assert params["kind"] == "ivf" and params["nlist"] == round(4 * np.sqrt(30000))
+    _, found = index.search(queries, 10)
+    exact = np.argsort(-(queries @ data.T), axis=1)[:, :10]
+    recall = np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact)])
+    assert recall >= 0.97, recall
+
+
 def test_search_depth_can_change_at_query_time_without_rebuilding(tmp_path):
     vi = scripts.vector_index
     rng = np.random.default_rng(1)
