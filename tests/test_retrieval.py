@@ -623,17 +623,29 @@ def test_robustness_of_identical_pairs_and_perturbed_copies(scans, local, tmp_pa
     assert [r["case"] for r in rows] == ["body0", "head0"] and all(-1 <= float(r["cosine"]) < 1 for r in rows)
 
 
-def test_tsne_cluster_map(scans, embedded, tmp_path):
+@pytest.mark.parametrize("method", ["tsne", "umap"])
+def test_cluster_map(scans, embedded, tmp_path, method):
     cluster = importlib.import_module("ctfm_retrieval_scripts.cluster")
     labels = tmp_path / "labels.csv"
     labels.write_text(
         "case,label\n" + "".join(f"{c},{'head' if c.startswith('head') else 'body'}\n" for c in expected_cases(scans))
     )
-    path = cluster.tsne_map(embeddings_dir=str(embedded["emb"]), output_dir=str(tmp_path), labels=str(labels))
+    run = dict(embeddings_dir=str(embedded["emb"]), labels=str(labels), method=method)
+    path = cluster.cluster_map(output_dir=str(tmp_path / "a"), **run)
+    assert path.name == f"{method}.csv"
     rows = rows_of(path)
     assert {r["case"] for r in rows} >= set(expected_cases(scans))
     assert all(r["label"] in ("body", "head", "") for r in rows) and all(np.isfinite(float(r["x"])) for r in rows)
-    assert (tmp_path / "tsne.png").stat().st_size > 0
+    assert (tmp_path / "a" / f"{method}.png").stat().st_size > 0
+    # same seed, same map: a figure in a paper can be regenerated
+    assert rows_of(cluster.cluster_map(output_dir=str(tmp_path / "b"), **run)) == rows
+
+
+def test_cluster_map_rejects_unknown_method(embedded, tmp_path):
+    cluster = importlib.import_module("ctfm_retrieval_scripts.cluster")
+    with pytest.raises(ValueError, match="method must be one of.*'pca'"):
+        cluster.cluster_map(embeddings_dir=str(embedded["emb"]), output_dir=str(tmp_path), method="pca")
+    assert not list(tmp_path.iterdir())
 
 
 # ----- real data: ../shared/data ct_small and its TotalSegmentator labels -----
