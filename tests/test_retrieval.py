@@ -50,7 +50,7 @@ def _import_bundle_scripts():
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
-    for sub in ("embedding", "metrics", "vector_index"):
+    for sub in ("embedding", "evaluation", "metrics", "vector_index"):
         importlib.import_module(f"{name}.{sub}")
     return sys.modules[name]
 
@@ -407,6 +407,71 @@ def test_evaluate_metrics_equal_hand_and_sklearn_values(scans, embedded, indexed
     assert summary["mAP"] == pytest.approx(np.mean(aps), abs=1e-5)
     per_query = rows_of(out / "retrieval_per_query.csv")
     assert [r["case"] for r in per_query] == cases and "AP@3" in per_query[0]
+
+
+def test_evaluate_a_query_split_against_an_index_of_the_other_split(scans, embedded, tmp_path):
+    # the reference's protocol: test scans query an index of the training scans, nothing excluded
+    from sklearn.metrics import average_precision_score
+
+    evaluation, vi = scripts.evaluation, scripts.vector_index
+    table = rows_of(embedded["emb"] / "index.csv")
+    database_cases, query_cases = {"body0", "head0", "ct_small"}, {"body1", "head1"}
+    for name, cases in (("database", database_cases), ("queries", query_cases)):
+        folder = tmp_path / name
+        folder.mkdir()
+        chosen = [r for r in table if r["case"] in cases]
+        for r in chosen:
+            shutil.copy(embedded["emb"] / r["file"], folder / r["file"])
+        with open(folder / "index.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(table[0]), lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(chosen)
+    vi.build_index(embeddings_dir=tmp_path / "database", index_dir=tmp_path / "index")
+    label_of = {c: "head" if c.startswith("head") else "body" for c in database_cases | query_cases}
+    labels = tmp_path / "labels.csv"
+    labels.write_text("case,label\n" + "".join(f"{c},{k}\n" for c, k in sorted(label_of.items())))
+    summary = evaluation.evaluate_retrieval(
+        index_dir=str(tmp_path / "index"),
+        output_dir=str(tmp_path / "eval"),
+        labels=str(labels),
+        queries=str(tmp_path / "queries"),
+        ks=[1, 2],
+    )
+    ids = rows_of(tmp_path / "index" / "ids.csv")
+    queries = rows_of(tmp_path / "queries" / "index.csv")
+    database = np.stack([read(tmp_path / "database" / r["file"])[0]["embedding"].numpy() for r in ids])
+    asked = np.stack([read(tmp_path / "queries" / r["file"])[0]["embedding"].numpy() for r in queries])
+    database /= np.linalg.norm(database, axis=1, keepdims=True)
+    asked /= np.linalg.norm(asked, axis=1, keepdims=True)
+    similarity = asked @ database.T
+    hits1, aps = [], []
+    for q, r in enumerate(queries):
+        truth = np.array([label_of[d["case"]] == label_of[r["case"]] for d in ids])
+        hits1.append(float(truth[np.argmax(similarity[q])]))
+        aps.append(average_precision_score(truth, similarity[q]))
+    assert summary["protocol"] == "queries" and summary["num_queries"] == len(queries) == 2
+    assert summary["num_indexed"] == len(ids) and {r["case"] for r in ids} <= database_cases
+    assert summary["hit_rate@1"] == pytest.approx(np.mean(hits1), abs=1e-6)
+    assert summary["mAP"] == pytest.approx(np.mean(aps), abs=1e-5)
+    per_query = rows_of(tmp_path / "eval" / "retrieval_per_query.csv")
+    assert [r["case"] for r in per_query] == [r["case"] for r in queries]
+    assert [int(r["num_relevant"]) for r in per_query] == [
+        sum(label_of[d["case"]] == label_of[r["case"]] for d in ids) for r in queries
+    ]
+    # query embeddings made with other settings are refused, naming the folder and the setting
+    other = tmp_path / "other"
+    shutil.copytree(tmp_path / "queries", other)
+    for r in queries:
+        tensors, metadata = read(other / r["file"])
+        scripts.embedding.write_embedding_file(other / r["file"], tensors, dict(metadata, aggregation="mean"))
+    with pytest.raises(ValueError, match=r"other.*other settings than the index.*aggregation"):
+        evaluation.evaluate_retrieval(
+            index_dir=str(tmp_path / "index"),
+            output_dir=str(tmp_path / "eval2"),
+            labels=str(labels),
+            queries=str(other),
+        )
+    assert not (tmp_path / "eval2").exists()
 
 
 def test_metrics_by_hand_and_against_sklearn():

@@ -8,7 +8,8 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Leave-one-out retrieval evaluation of an index given class labels."""
+"""Retrieval evaluation of an index given class labels: leave-one-out over the index, or a
+separate query set (e.g. the test split against an index of the training split)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from .ctfm_common.inputs import DATALIST_SECTIONS
 from .ctfm_common.runtime import atomic_write_text
 from .embedding import class_label, read_embedding_file, unique_case_names
 from .metrics import average_precision, average_precision_at_k, hit_rate_at_k, precision_at_k, retrieval_metrics
-from .vector_index import load_index, normalize
+from .vector_index import SETTING_KEYS, load_embeddings, load_index, normalize
 
 logger = logging.getLogger("ctfm_retrieval.evaluate")
 
@@ -50,15 +51,30 @@ def read_labels(labels: str, rows: Sequence[dict]) -> dict[str, str]:
 
 
 def evaluate_retrieval(
-    *, index_dir: str, output_dir: str, labels: str = "", ks: Sequence[int] = (1, 3, 5, 10), max_rank: int = 1000,
-    nprobe: int | None = None, ef_search: int | None = None,
+    *,
+    index_dir: str,
+    output_dir: str,
+    labels: str = "",
+    queries: str = "",
+    ks: Sequence[int] = (1, 3, 5, 10),
+    max_rank: int = 1000,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
 ) -> dict:
-    """Each labelled indexed scan queries the index (itself excluded); metrics by class agreement.
+    """Retrieval metrics by class agreement between each query and what the index returns.
+
+    Without ``queries``, each labelled indexed scan queries the index with itself excluded
+    (leave-one-out). With ``queries``, the scans of that embeddings folder query the index and
+    nothing is excluded: the usual protocol with a test split against an index of the training
+    split (the reference's OrganMNIST3D evaluation).
 
     Args:
         index_dir: the persisted index.
         output_dir: where ``retrieval_metrics.json`` and ``retrieval_per_query.csv`` go.
-        labels: see :func:`read_labels`.
+        labels: class labels of indexed (and query) cases, see :func:`read_labels`; empty: the
+            ``label`` columns of the index and of ``queries``.
+        queries: an embed output's ``embeddings`` folder (same embedding settings as the index),
+            or empty for leave-one-out.
         ks: cut-offs for precision@k, AP@k, hit rate@k.
         max_rank: ranking depth used for AP/mAP (exact when the index holds fewer items).
         nprobe, ef_search: search-time recall/speed of an IVF / HNSW index (default: as built).
@@ -68,34 +84,50 @@ def evaluate_retrieval(
     """
     index, rows, meta = load_index(index_dir, nprobe=nprobe, ef_search=ef_search)
     label_of = read_labels(labels, rows)
-    base = (Path(index_dir) / meta["embeddings_dir"]).resolve()
     labelled = [i for i, r in enumerate(rows) if r["case"] in label_of]
-    if len(labelled) < 2:
-        raise ValueError(f"{index_dir}: fewer than two indexed cases have a label ({len(labelled)}); check 'labels'")
+    if len(labelled) < (1 if queries else 2):
+        raise ValueError(f"{index_dir}: too few indexed cases have a label ({len(labelled)}); check 'labels'")
     skipped = len(rows) - len(labelled)
     if skipped:
         logger.warning(f"{skipped} indexed case(s) have no label and are left out of the evaluation")
-    vectors = np.stack([read_embedding_file(base / rows[i]["file"])[0]["embedding"].float().numpy() for i in labelled])
+    database_counts: dict[str, int] = {}
+    for i in labelled:
+        database_counts[label_of[rows[i]["case"]]] = database_counts.get(label_of[rows[i]["case"]], 0) + 1
+    if queries:
+        query_rows, vectors, settings = load_embeddings(queries)
+        wanted = meta.get("settings", {})
+        if settings != wanted:
+            diff = {k: (wanted.get(k), settings.get(k)) for k in SETTING_KEYS if wanted.get(k) != settings.get(k)}
+            raise ValueError(f"{queries}: query embeddings were made with other settings than the index {diff}")
+        query_label_of = read_labels(labels, query_rows)
+        chosen = [q for q, r in enumerate(query_rows) if r["case"] in query_label_of]
+        if not chosen:
+            raise ValueError(f"{queries}: no query case has a label; check 'labels'")
+        if len(chosen) < len(query_rows):
+            logger.warning(f"{len(query_rows) - len(chosen)} query case(s) have no label and are left out")
+        # (case, class, row of the query in the index to exclude, or -1)
+        query_items = [(query_rows[q]["case"], query_label_of[query_rows[q]["case"]], -1) for q in chosen]
+        vectors = vectors[chosen]
+    else:
+        base = (Path(index_dir) / meta["embeddings_dir"]).resolve()
+        vectors = np.stack(
+            [read_embedding_file(base / rows[i]["file"])[0]["embedding"].float().numpy() for i in labelled]
+        )
+        query_items = [(rows[i]["case"], label_of[rows[i]["case"]], i) for i in labelled]
     depth = min(int(max_rank), index.ntotal)
     scores, ids = index.search(normalize(vectors), depth)
-    classes = [label_of[rows[i]["case"]] for i in labelled]
     per_query, relevances, totals = [], [], []
     ks = [int(k) for k in ks]
-    for q, row_id in enumerate(labelled):
-        ranked = [j for j in ids[q] if j >= 0 and j != row_id and rows[j]["case"] in label_of]
-        relevance = [int(label_of[rows[j]["case"]] == classes[q]) for j in ranked]
-        total = sum(c == classes[q] for c in classes) - 1
+    for q, (case, label, exclude) in enumerate(query_items):
+        ranked = [j for j in ids[q] if j >= 0 and j != exclude and rows[j]["case"] in label_of]
+        relevance = [int(label_of[rows[j]["case"]] == label) for j in ranked]
+        total = database_counts.get(label, 0) - (1 if exclude >= 0 else 0)
         if total == 0:
-            logger.warning(f"{rows[row_id]['case']}: the only case of class '{classes[q]}', not evaluated")
+            logger.warning(f"{case}: no other indexed case has its class '{label}', not evaluated")
             continue
         relevances.append(relevance)
         totals.append(total)
-        entry = {
-            "case": rows[row_id]["case"],
-            "label": classes[q],
-            "num_relevant": total,
-            "AP": average_precision(relevance, total),
-        }
+        entry = {"case": case, "label": label, "num_relevant": total, "AP": average_precision(relevance, total)}
         for k in ks:
             entry[f"precision@{k}"] = precision_at_k(relevance, k)
             entry[f"AP@{k}"] = average_precision_at_k(relevance, k, total)
@@ -104,6 +136,7 @@ def evaluate_retrieval(
     summary = retrieval_metrics(relevances, ks, totals)
     summary.update(
         num_indexed=int(index.ntotal),
+        protocol="queries" if queries else "leave-one-out",
         ranking_depth=depth,
         metric="cosine",
         index_kind=meta["kind"],
