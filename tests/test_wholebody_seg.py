@@ -352,3 +352,22 @@ except Exception as e:
     assert spleen != 5 and f"LABELS {sorted({spleen, 5})}" in proc.stdout
     assert f"COUNTS {6 ** 3} {4 ** 3 + 2 ** 3}" in proc.stdout, proc.stdout
     assert "ERROR" in proc.stdout and "not_an_organ" in proc.stdout
+
+
+def test_resolution_ceiling_of_the_presets_on_real_labels(tmp_path, shared_data):
+    # the Dice that a perfect model at each preset's spacing would reach on real labels
+    import bench_wholebody_seg
+
+    example = shared_data / "totalseg_example"
+    same = bench_wholebody_seg.resolution_ceiling(labels=str(example / "ct_small_labels.nii.gz"), spacings="3.0")
+    assert same["spacing_mm"] == pytest.approx([3.0, 3.0, 3.0]) and same["structures"] == 41
+    assert set(same["3mm"]["per_structure"].values()) == {1.0}  # its own spacing: nothing lost
+    report = bench_wholebody_seg.resolution_ceiling(
+        labels=str(example / "dicom_labels.nii.gz"), spacings=[1.5, 3.0], output=str(tmp_path / "ceiling.json")
+    )
+    assert json.loads((tmp_path / "ceiling.json").read_text()) == report
+    standard, fast = report["1.5mm"], report["3mm"]
+    assert report["structures"] == 31 and len(fast["per_structure"]) == 31
+    assert 0.5 < fast["mean"] < standard["mean"] < 1.0  # the fast preset's spacing costs Dice
+    assert fast["per_structure"]["liver"] > 0.95  # large organs keep almost all of it...
+    assert fast["smaller_half"] < fast["larger_half"]  # ...small and thin structures lose most

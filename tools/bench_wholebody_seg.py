@@ -28,15 +28,17 @@ the benchmark measures speed and memory, not accuracy. The input is a synthetic 
 (``tools/phantom.py``) of the given shape and spacing, unless ``image`` names a CT.
 
 For the fast preset the benchmark also reports ``resolution_ceiling_dice``: per structure,
-the Dice of the phantom's 1.5 mm labels against the same labels resampled to the preset's
-spacing and back (nearest). It bounds what resolution alone costs; it says nothing about
-how well a network does at that spacing.
+the Dice of the phantom's labels against the same labels resampled to the preset's spacing
+and back as the bundle does (``Spacing`` nearest and its inverse). It bounds what resolution
+alone costs; it says nothing about how well a network does at that spacing. ``ceiling`` does
+the same for any label map (e.g. a real reference segmentation) and several spacings.
 
 CLI::
 
     python tools/bench_wholebody_seg.py bench --output bench.json                     # issue's CPU size
     python tools/bench_wholebody_seg.py bench --shape 96,96,96 --init_filters 8        # quick
     python tools/bench_wholebody_seg.py bench --pipelines plain,bundle --overlap 0.625 # reference overlap
+    python tools/bench_wholebody_seg.py ceiling --labels labels.nii.gz               # Dice bound of 1.5 / 3 mm
 """
 
 from __future__ import annotations
@@ -197,34 +199,85 @@ def run_pipeline(*, pipeline: str, image: str, weights: str, output_dir: str, in
     return result
 
 
-def resolution_ceiling_dice(labels_path: str, spacing: Sequence[float], coarse_spacing: Sequence[float]) -> dict:
+def resolution_ceiling_dice(labels_path: str, coarse_spacing: Sequence[float]) -> dict:
     """Dice per structure of a label map against itself resampled to ``coarse_spacing`` and back.
+
+    The resampling is the bundle's: MONAI ``Orientation`` SPL and ``Spacing`` (nearest) to the
+    coarse grid, then the inverse of ``Spacing`` back onto the label map's own (SPL) grid, as ``Invertd`` (nearest) puts a
+    label map predicted at ``coarse_spacing`` back onto the input.
 
     Args:
         labels_path: label map (NIfTI).
-        spacing: its spacing (mm).
         coarse_spacing: the coarser spacing (mm).
 
     Returns:
         ``{"per_label": {index: dice}, "mean": mean over structures}``.
     """
-    import nibabel as nib
     import numpy as np
-    import torch
-    import torch.nn.functional as F
+    from monai.transforms import EnsureChannelFirst, LoadImage, Orientation, Spacing
 
-    labels = np.asarray(nib.load(labels_path).dataobj).astype(np.int64)
-    t = torch.from_numpy(labels)[None, None].float()
-    coarse = [max(1, round(n * s / c)) for n, s, c in zip(labels.shape, spacing, coarse_spacing)]
-    back = F.interpolate(F.interpolate(t, size=coarse, mode="nearest"), size=labels.shape, mode="nearest")
-    back = back[0, 0].numpy().astype(np.int64)
+    labels = Orientation(axcodes="SPL")(EnsureChannelFirst()(LoadImage(image_only=True)(labels_path)))
+    resample = Spacing(pixdim=[float(c) for c in coarse_spacing], mode="nearest")
+    back = resample.inverse(resample(labels))
+    if tuple(back.shape) != tuple(labels.shape):
+        raise RuntimeError(f"{labels_path}: resampled back to {tuple(back.shape)}, not {tuple(labels.shape)}")
+    original = labels[0].numpy().astype(np.int64)
+    back = back[0].numpy().astype(np.int64)
     per_label = {}
-    for index in np.unique(labels):
+    for index in np.unique(original):
         if index == 0:
             continue
-        a, b = labels == index, back == index
+        a, b = original == index, back == index
         per_label[int(index)] = round(float(2 * (a & b).sum() / (a.sum() + b.sum())), 4)
     return {"per_label": per_label, "mean": round(float(np.mean(list(per_label.values()))), 4)}
+
+
+def resolution_ceiling(*, labels: str, spacings: str | Sequence[float] = "1.5,3.0", output: str = "") -> dict:
+    """The Dice a preset cannot exceed because of its spacing alone, on a reference label map.
+
+    The label map is resampled (nearest) to each spacing and back to its own grid and scored
+    per structure against itself: a perfect model at that spacing would score this. The
+    default spacings are the bundle's standard (1.5 mm) and fast (3 mm) presets.
+
+    Args:
+        labels: a label map (NIfTI) at finer resolution than the spacings, e.g. a
+            TotalSegmentator reference at its native CT resolution.
+        spacings: isotropic spacings (mm) to check.
+        output: JSON file (written atomically), or empty.
+
+    Returns:
+        Per spacing: mean Dice, mean over the larger and the smaller half of the structures (by
+        volume), and Dice per structure name.
+    """
+    import nibabel as nib
+    import numpy as np
+
+    names = json.loads((BUNDLE_ROOT / "configs" / "metadata.json").read_text())["network_data_format"]["outputs"]
+    names = names["pred"]["channel_def"]
+    image = nib.load(labels)
+    zooms = [float(z) for z in image.header.get_zooms()[:3]]
+    volume = np.asarray(image.dataobj).astype(np.int64)
+    present = [int(i) for i in np.unique(volume) if i > 0]
+    if not present:
+        raise ValueError(f"{labels}: no structure (only background) in the label map")
+    counts = {i: int((volume == i).sum()) for i in present}
+    median = float(np.median(list(counts.values())))
+    report = {"labels": Path(labels).name, "shape": list(volume.shape), "spacing_mm": zooms, "structures": len(present)}
+    for spacing in _as_list(spacings, float):
+        dice = resolution_ceiling_dice(labels, [spacing] * 3)["per_label"]
+        larger = [dice[i] for i in present if counts[i] >= median]
+        smaller = [dice[i] for i in present if counts[i] < median]
+        worst = min(dice, key=dice.get)
+        report[f"{spacing:g}mm"] = {
+            "mean": round(float(np.mean(list(dice.values()))), 4),
+            "larger_half": round(float(np.mean(larger)), 4),
+            "smaller_half": round(float(np.mean(smaller)), 4) if smaller else None,
+            "worst": {names.get(str(worst), str(worst)): dice[worst]},
+            "per_structure": {names.get(str(i), str(i)): dice[i] for i in present},
+        }
+    if output:
+        atomic_write_text(output, json.dumps(report, indent=2) + "\n")
+    return report
 
 
 def bench_wholebody_seg(
@@ -329,8 +382,7 @@ def bench_wholebody_seg(
         fast_spacing = FAST_PRESET_SPACING
         report["fast_resolution_ceiling_dice"] = {
             "spacing_mm": list(fast_spacing),
-            **resolution_ceiling_dice(labels_path, settings["ct_spacing_mm"] if ct_spacing else [float(spacing)] * 3,
-                                      fast_spacing),
+            **resolution_ceiling_dice(labels_path, fast_spacing),
         }
     by_name = {r["pipeline"]: r for r in results if "seconds" in r}
     if "plain" in by_name and "bundle" in by_name:
@@ -345,4 +397,4 @@ FAST_PRESET_SPACING = (3.0, 3.0, 3.0)  # keep in step with "presets" in configs/
 
 
 if __name__ == "__main__":
-    fire.Fire({"bench": bench_wholebody_seg, "pipeline": run_pipeline})
+    fire.Fire({"bench": bench_wholebody_seg, "pipeline": run_pipeline, "ceiling": resolution_ceiling})
