@@ -371,3 +371,35 @@ def test_resolution_ceiling_of_the_presets_on_real_labels(tmp_path, shared_data)
     assert 0.5 < fast["mean"] < standard["mean"] < 1.0  # the fast preset's spacing costs Dice
     assert fast["per_structure"]["liver"] > 0.95  # large organs keep almost all of it...
     assert fast["smaller_half"] < fast["larger_half"]  # ...small and thin structures lose most
+
+
+def test_threaded_copy_reader_loads_exactly_what_monai_loads(tmp_path, shared_data):
+    # the inference config's NIfTI reader only copies faster: same voxels, dtype, affine; a DICOM
+    # folder still goes to MONAI's other readers
+    example = shared_data / "totalseg_example"
+    ct, labels, affine = phantom.make_body_phantom(shape=(40, 36, 24), spacing=(2.0, 2.0, 3.0), seed=0)
+    phantom.save_phantom(ct, labels, affine, image_path=str(tmp_path / "ct.nii.gz"),
+                         label_path=str(tmp_path / "labels.nii.gz"))
+    paths = [str(tmp_path / "ct.nii.gz"), str(example / "ct_small.nii.gz"), str(example / "dicom")]
+    code = f"""
+import json
+import numpy as np
+from monai.transforms import LoadImage
+from scripts.transforms import ThreadedCopyNibabelReader
+
+same = []
+for path in {paths!r}:
+    plain = LoadImage(image_only=True, dtype=None)(path)
+    fast = LoadImage(image_only=True, dtype=None, reader=ThreadedCopyNibabelReader())(path)
+    same.append(dict(path=path, shape=list(fast.shape), dtype=str(fast.dtype), contiguous=fast.is_contiguous(),
+                     values=bool(np.array_equal(plain.numpy(), fast.numpy())),
+                     affine=bool(np.allclose(plain.affine.numpy(), fast.affine.numpy()))))
+print("RESULT", json.dumps(same))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=BUNDLES_DIR / BUNDLE, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert [r["shape"] for r in results] == [[40, 36, 24], [122, 101, 30], [512, 512, 20]]
+    assert all(r["values"] and r["affine"] and r["contiguous"] for r in results), results
+    assert results[1]["dtype"] == "torch.int16"  # the stored dtype: converted to float32 on the device

