@@ -17,6 +17,7 @@ import csv
 import io
 import json
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from .ctfm_common.inputs import DATALIST_SECTIONS
 from .ctfm_common.runtime import atomic_write_text
 from .embedding import class_label, read_embedding_file, unique_case_names
 from .metrics import average_precision, average_precision_at_k, hit_rate_at_k, precision_at_k, retrieval_metrics
-from .vector_index import SETTING_KEYS, load_embeddings, load_index, normalize
+from .vector_index import load_embeddings, load_index, normalize, settings_diff
 
 logger = logging.getLogger("ctfm_retrieval.evaluate")
 
@@ -90,14 +91,10 @@ def evaluate_retrieval(
     skipped = len(rows) - len(labelled)
     if skipped:
         logger.warning(f"{skipped} indexed case(s) have no label and are left out of the evaluation")
-    database_counts: dict[str, int] = {}
-    for i in labelled:
-        database_counts[label_of[rows[i]["case"]]] = database_counts.get(label_of[rows[i]["case"]], 0) + 1
+    database_counts = Counter(label_of[rows[i]["case"]] for i in labelled)
     if queries:
         query_rows, vectors, settings = load_embeddings(queries)
-        wanted = meta.get("settings", {})
-        if settings != wanted:
-            diff = {k: (wanted.get(k), settings.get(k)) for k in SETTING_KEYS if wanted.get(k) != settings.get(k)}
+        if diff := settings_diff(meta.get("settings", {}), settings):
             raise ValueError(f"{queries}: query embeddings were made with other settings than the index {diff}")
         query_label_of = read_labels(labels, query_rows)
         chosen = [q for q, r in enumerate(query_rows) if r["case"] in query_label_of]
@@ -121,7 +118,7 @@ def evaluate_retrieval(
     for q, (case, label, exclude) in enumerate(query_items):
         ranked = [j for j in ids[q] if j >= 0 and j != exclude and rows[j]["case"] in label_of]
         relevance = [int(label_of[rows[j]["case"]] == label) for j in ranked]
-        total = database_counts.get(label, 0) - (1 if exclude >= 0 else 0)
+        total = database_counts[label] - (1 if exclude >= 0 else 0)
         if total == 0:
             logger.warning(f"{case}: no other indexed case has its class '{label}', not evaluated")
             continue

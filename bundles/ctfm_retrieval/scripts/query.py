@@ -26,7 +26,7 @@ import numpy as np
 from .ctfm_common.inputs import resolve_input
 from .ctfm_common.runtime import atomic_write_text
 from .embedding import ScanEmbedder, read_embedding_file, unique_case_names
-from .vector_index import SETTING_KEYS, load_index, search
+from .vector_index import load_index, search, settings_diff
 
 logger = logging.getLogger("ctfm_retrieval.query")
 
@@ -34,10 +34,7 @@ RESULT_COLUMNS = ("query", "query_source", "rank", "case", "source", "label", "s
 
 
 def _check_settings(name: str, ours: Mapping[str, str], index_settings: Mapping[str, str]) -> None:
-    diff = {
-        k: (ours.get(k), index_settings.get(k)) for k in SETTING_KEYS if str(ours.get(k)) != str(index_settings.get(k))
-    }
-    if diff:
+    if diff := settings_diff(ours, index_settings):
         raise ValueError(
             f"{name}: embedding settings differ from the index's (ours, index): {diff}. Queries must be embedded "
             f"like the indexed scans: pass the same overrides as for embed.json."

@@ -153,6 +153,12 @@ def _settings_of(metadata: Mapping[str, str]) -> dict[str, str]:
     return {k: metadata.get(k, "") for k in SETTING_KEYS}
 
 
+def settings_diff(first: Mapping[str, object], second: Mapping[str, object]) -> dict[str, tuple]:
+    """The embedding settings (:data:`SETTING_KEYS`) on which two sets of embeddings differ,
+    ``{key: (first, second)}``, compared as text (stored settings are strings); empty if none."""
+    return {k: (first.get(k), second.get(k)) for k in SETTING_KEYS if str(first.get(k)) != str(second.get(k))}
+
+
 def load_embeddings(
     embeddings_dir: str | os.PathLike, skip_cases: set[str] = frozenset()
 ) -> tuple[list[dict], np.ndarray, dict]:
@@ -177,8 +183,7 @@ def load_embeddings(
         these = _settings_of(metadata)
         if settings is None:
             settings = these
-        elif these != settings:
-            diff = {k: (settings[k], these[k]) for k in SETTING_KEYS if settings[k] != these[k]}
+        elif diff := settings_diff(settings, these):
             raise ValueError(f"{base / row['file']}: made with other settings than the rest {diff}; re-embed it.")
         rows.append({k: row.get(k, "") for k in ID_COLUMNS if k != "row"})
         vectors.append(tensors["embedding"].float().numpy())
@@ -266,12 +271,7 @@ def build_index(
         if not new_rows:
             logger.info(f"{index_dir}: nothing to add, all {len(rows)} cases of {embeddings_dir} are indexed")
             return meta
-        if settings != meta["settings"]:
-            diff = {
-                k: (meta["settings"].get(k), settings[k])
-                for k in SETTING_KEYS
-                if meta["settings"].get(k) != settings[k]
-            }
+        if diff := settings_diff(meta["settings"], settings):
             raise ValueError(f"{embeddings_dir}: new embeddings were made with other settings than the index {diff}")
         if vectors.shape[1] != meta["dim"]:
             raise ValueError(
