@@ -199,28 +199,36 @@ def run_pipeline(*, pipeline: str, image: str, weights: str, output_dir: str, in
     return result
 
 
-def resolution_ceiling_dice(labels_path: str, coarse_spacing: Sequence[float]) -> dict:
+def _load_labels(path: str):
+    """A label map as MONAI loads it, channel first (``MetaTensor``)."""
+    from monai.transforms import EnsureChannelFirst, LoadImage
+
+    return EnsureChannelFirst()(LoadImage(image_only=True)(path))
+
+
+def resolution_ceiling_dice(labels, coarse_spacing: Sequence[float]) -> dict:
     """Dice per structure of a label map against itself resampled to ``coarse_spacing`` and back.
 
     The resampling is the bundle's: MONAI ``Orientation`` SPL and ``Spacing`` (nearest) to the
-    coarse grid, then the inverse of ``Spacing`` back onto the label map's own (SPL) grid, as ``Invertd`` (nearest) puts a
-    label map predicted at ``coarse_spacing`` back onto the input.
+    coarse grid, then the inverse of ``Spacing`` back onto the label map's own (SPL) grid, as
+    ``Invertd`` (nearest) puts a label map predicted at ``coarse_spacing`` back onto the input.
 
     Args:
-        labels_path: label map (NIfTI).
+        labels: label map (NIfTI path, or as loaded by :func:`_load_labels`).
         coarse_spacing: the coarser spacing (mm).
 
     Returns:
         ``{"per_label": {index: dice}, "mean": mean over structures}``.
     """
     import numpy as np
-    from monai.transforms import EnsureChannelFirst, LoadImage, Orientation, Spacing
+    from monai.transforms import Orientation, Spacing
 
-    labels = Orientation(axcodes="SPL")(EnsureChannelFirst()(LoadImage(image_only=True)(labels_path)))
+    name = labels if isinstance(labels, str) else labels.meta.get("filename_or_obj", "labels")
+    labels = Orientation(axcodes="SPL")(_load_labels(labels) if isinstance(labels, str) else labels)
     resample = Spacing(pixdim=[float(c) for c in coarse_spacing], mode="nearest")
     back = resample.inverse(resample(labels))
     if tuple(back.shape) != tuple(labels.shape):
-        raise RuntimeError(f"{labels_path}: resampled back to {tuple(back.shape)}, not {tuple(labels.shape)}")
+        raise RuntimeError(f"{name}: resampled back to {tuple(back.shape)}, not {tuple(labels.shape)}")
     original = labels[0].numpy().astype(np.int64)
     back = back[0].numpy().astype(np.int64)
     per_label = {}
@@ -249,22 +257,25 @@ def resolution_ceiling(*, labels: str, spacings: str | Sequence[float] = "1.5,3.
         Per spacing: mean Dice, mean over the larger and the smaller half of the structures (by
         volume), and Dice per structure name.
     """
-    import nibabel as nib
     import numpy as np
 
     names = json.loads((BUNDLE_ROOT / "configs" / "metadata.json").read_text())["network_data_format"]["outputs"]
     names = names["pred"]["channel_def"]
-    image = nib.load(labels)
-    zooms = [float(z) for z in image.header.get_zooms()[:3]]
-    volume = np.asarray(image.dataobj).astype(np.int64)
+    loaded = _load_labels(labels)  # read once, resampled for every spacing
+    volume = loaded[0].numpy().astype(np.int64)
     present = [int(i) for i in np.unique(volume) if i > 0]
     if not present:
         raise ValueError(f"{labels}: no structure (only background) in the label map")
     counts = {i: int((volume == i).sum()) for i in present}
     median = float(np.median(list(counts.values())))
-    report = {"labels": Path(labels).name, "shape": list(volume.shape), "spacing_mm": zooms, "structures": len(present)}
+    report = {
+        "labels": Path(labels).name,
+        "shape": list(volume.shape),
+        "spacing_mm": [float(z) for z in loaded.pixdim],
+        "structures": len(present),
+    }
     for spacing in _as_list(spacings, float):
-        dice = resolution_ceiling_dice(labels, [spacing] * 3)["per_label"]
+        dice = resolution_ceiling_dice(loaded, [spacing] * 3)["per_label"]
         larger = [dice[i] for i in present if counts[i] >= median]
         smaller = [dice[i] for i in present if counts[i] < median]
         worst = min(dice, key=dice.get)
