@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .ctfm_common.encoder import PooledEncoderHead, looks_like_repo_id, read_state_dict
+from .ctfm_common.encoder import PooledEncoderHead, looks_like_repo_id, missing_weights, read_state_dict
 
 
 class TriageClassifier(PooledEncoderHead):
@@ -83,12 +83,12 @@ def load_checkpoint(network: nn.Module, ckpt: str | os.PathLike) -> nn.Module:
         The network, in eval mode.
 
     Raises:
-        FileNotFoundError: no checkpoint at ``ckpt``.
+        WeightsNotFoundError: no checkpoint at ``ckpt`` (one line, no traceback under ``monai.bundle run``).
         RuntimeError: the checkpoint does not fit the network, naming the settings to check.
     """
     path = Path(ckpt)
     if not path.exists() and not looks_like_repo_id(os.fspath(ckpt)):
-        raise FileNotFoundError(f"triage checkpoint not found: '{path}' (train first, or pass --ckpt PATH)")
+        raise missing_weights(path, "triage checkpoint", train="train one with configs/train.json, or pass --ckpt PATH")
     if path.is_file() and path.suffix != ".safetensors":
         state = torch.load(str(path), map_location="cpu", weights_only=True)
         if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):

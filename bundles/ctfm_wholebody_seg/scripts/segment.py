@@ -61,7 +61,8 @@ def load_network_weights(network: nn.Module, ckpt: str | os.PathLike | None) -> 
         The network.
 
     Raises:
-        FileNotFoundError: a ``ckpt`` path that does not exist, with what to do about it.
+        WeightsNotFoundError: a ``ckpt`` path that does not exist: one line with the commands that get
+            weights (a ``SystemExit``, so ``monai.bundle run`` prints no traceback).
         ValueError: keys or shapes that do not match (e.g. another ``init_filters`` or ``num_classes``).
     """
     module = network.module if isinstance(network, nn.parallel.DistributedDataParallel) else network
@@ -70,9 +71,9 @@ def load_network_weights(network: nn.Module, ckpt: str | os.PathLike | None) -> 
         return network
     text = os.fspath(ckpt)
     if not os.path.exists(text) and not shared_encoder.looks_like_repo_id(text):
-        raise FileNotFoundError(
-            f"model weights not found: {text}. Train the bundle (configs/train.json) or pass --ckpt with a "
-            f"checkpoint, a .safetensors file, or the public release 'project-lighter/whole_body_segmentation'."
+        raise shared_encoder.missing_weights(
+            text, "whole-body model weights", release="project-lighter/whole_body_segmentation",
+            train="train them with configs/train.json and pass --ckpt",
         )
     state = shared_encoder.read_state_dict(text)
     own = module.state_dict()

@@ -67,6 +67,71 @@ class EncoderWeightsError(ValueError):
     """Raised when encoder weights cannot be read or do not match the network."""
 
 
+class WeightsNotFoundError(SystemExit):
+    """Weights that are not there, said in one line with the commands that get them.
+
+    A ``SystemExit``: ``python -m monai.bundle run`` then ends with this one line (exit status 1)
+    instead of a long traceback, because MONAI's config evaluation wraps every ``Exception`` but
+    lets ``SystemExit`` through. Python callers catch it as ``WeightsNotFoundError``.
+
+    Args:
+        message: what is missing and how to get it (one line).
+        path: the missing path.
+    """
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+
+    def __str__(self) -> str:
+        return str(self.code)
+
+
+def bundle_folder_of(path: str | os.PathLike) -> Path | None:
+    """The bundle folder (holding ``large_files.yml`` and ``configs/``) that ``path`` sits in, if any."""
+    for folder in Path(os.path.abspath(os.fspath(path))).parents:
+        if (folder / "large_files.yml").is_file() and (folder / "configs").is_dir():
+            return folder
+    return None
+
+
+def missing_weights(
+    path: str | os.PathLike, what: str = "weights", release: str = "", train: str = ""
+) -> WeightsNotFoundError:
+    """The :class:`WeightsNotFoundError` for ``path``: what is missing and the commands that get weights.
+
+    Args:
+        path: the missing file or folder.
+        what: what the weights are (``"whole-body model weights"``).
+        release: public hub repo id with such weights (``project-lighter/whole_body_segmentation``).
+        train: how to make them instead (``"train them with configs/train.json"``).
+    """
+    text = os.fspath(path)
+    steps = []
+    bundle = bundle_folder_of(text)
+    if bundle is not None and release:
+        steps.append(f"`python -m monai.bundle download_large_files --bundle_path {bundle}` (puts the public "
+                     f"release {release} in {bundle / 'models'})")
+    if release:
+        steps.append(f"pass the hub id (`{release}`) or a downloaded file, e.g. "
+                     f"`huggingface-cli download {release} --local-dir {release.split('/')[-1]}`")
+    if train:
+        steps.append(train)
+    hint = "; or ".join(steps) if steps else "pass an existing file"
+    return WeightsNotFoundError(f"{what} not found: {text}. Get them: {hint}.", text)
+
+
+def default_weights(*candidates: str | os.PathLike) -> str:
+    """The first of ``candidates`` that exists, or ``""`` (none: random init, logged by the loader).
+
+    Configs default ``encoder_ckpt`` to where ``download_large_files`` puts the public release.
+    """
+    for candidate in candidates:
+        if candidate and os.path.exists(candidate):
+            return os.fspath(candidate)
+    return ""
+
+
 def build_encoder(init_filters: int = 32, in_channels: int = 1) -> SegResEncoder:
     """Build the shared encoder with the contract's fixed arguments.
 
@@ -250,7 +315,8 @@ def read_state_dict(source: str | os.PathLike, *, cache_dir: str | None = None) 
         The tensors by key, on the CPU.
 
     Raises:
-        FileNotFoundError: a path that does not exist and is no repo id.
+        WeightsNotFoundError: a path that does not exist and is no repo id (one line, the commands
+            that get weights).
         EncoderWeightsError: a file that is truncated, corrupt or holds no tensors.
     """
     text = os.fspath(source)
@@ -265,10 +331,8 @@ def read_state_dict(source: str | os.PathLike, *, cache_dir: str | None = None) 
         return _read_torch(path)
     if looks_like_repo_id(text):
         return _read_hub_folder(download_from_hub(text, cache_dir=cache_dir))
-    raise FileNotFoundError(
-        f"encoder weights not found: '{text}' is neither an existing file or folder nor a hub repo id "
-        f"(owner/name, e.g. project-lighter/ct_fm_feature_extractor)."
-    )
+    raise missing_weights(text, "encoder weights", release="project-lighter/ct_fm_feature_extractor",
+                          train="pretrain your own with the ctfm_pretrain bundle")
 
 
 def encoder_of(network: nn.Module) -> tuple[nn.Module, str]:
