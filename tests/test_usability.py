@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import os
 import shutil
 import subprocess
 import sys
@@ -155,3 +156,214 @@ def test_missing_encoder_weights_are_one_line():
     assert "\n" not in line and line.startswith(f"encoder weights not found: {missing}")
     assert f"python -m monai.bundle download_large_files --bundle_path {BUNDLES_DIR / 'ctfm_triage'}" in line
     assert "project-lighter/ct_fm_feature_extractor" in line
+
+
+# --- choosing structures, names with the label map, the Python API and the console command -------------------
+
+
+def _seg_scripts():
+    """The seg bundle's ``scripts`` package under a unique name (no clash with other bundles' ``scripts``)."""
+    import importlib
+    import importlib.util
+
+    name = "ctfm_wholebody_seg_scripts"
+    if name not in sys.modules:
+        root = BUNDLES_DIR / SEG / "scripts"
+        spec = importlib.util.spec_from_file_location(name, root / "__init__.py", submodule_search_locations=[str(root)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    for sub in ("segment", "labels", "dicom_seg"):
+        importlib.import_module(f"{name}.{sub}")
+    return sys.modules[name]
+
+
+def test_roi_subset_output_equals_the_full_argmax_restricted():
+    """With a roi_subset the network output is cut to [background, chosen..., max of the others] before
+    stitching; its argmax mapped back by the config's MapLabelValued equals the full argmax with every other
+    structure set to background."""
+    from monai.transforms import MapLabelValued
+
+    scripts = _seg_scripts()
+    torch.manual_seed(0)
+    logits = torch.randn(1, 118, 6, 7, 8)
+    subset = [5, 1, 64]
+    reduced = scripts.segment.CastOutput(torch.nn.Identity(), torch.float32, keep_channels=subset)(logits)
+    assert reduced.shape[1] == len(subset) + 2
+    orig, target = scripts.segment.subset_label_values(subset)
+    mapped = MapLabelValued(keys="pred", orig_labels=orig, target_labels=target)({"pred": reduced.argmax(1)})["pred"]
+    full = logits.argmax(1)
+    expected = torch.where(torch.isin(full, torch.tensor(subset)), full, torch.zeros_like(full))
+    assert torch.equal(torch.as_tensor(mapped), expected)
+    names = scripts.labels.label_names(BUNDLES_DIR / SEG / "configs" / "metadata.json", 118)
+    assert scripts.labels.select_labels("liver,spleen", names) == [1, 5]
+
+
+def test_pyproject_console_script_resolves():
+    """``pip install .`` installs ``ctfm-segment``: pyproject's target is an importable callable."""
+    import importlib
+    import tomllib
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    module, _, function = project["scripts"]["ctfm-segment"].partition(":")
+    sys.path.insert(0, str(REPO_ROOT))
+    try:
+        target = getattr(importlib.import_module(module), function)
+        from ctfm_bundles import bundle_dir, segment
+    finally:
+        sys.path.remove(str(REPO_ROOT))
+    assert callable(target) and callable(segment)
+    assert (bundle_dir(SEG) / "configs" / "inference.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """``python -m ctfm_bundles.segment CT OUT --roi_subset liver,spleen --masks`` on a body phantom with
+    tiny weights whose output heads favour the liver (then the stomach): the console command end to end."""
+    from monai.networks.nets import SegResNetDS
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
+    try:
+        import phantom
+    finally:
+        sys.path.remove(str(REPO_ROOT / "tools"))
+    root = tmp_path_factory.mktemp("cli")
+    image, labels, affine = phantom.make_body_phantom(shape=(40, 32, 24), spacing=(8.0, 8.0, 10.0), seed=1)
+    phantom.save_phantom(image, labels, affine, image_path=root / "ct.nii.gz", label_path=root / "ct_labels.nii.gz")
+    torch.manual_seed(0)
+    network = SegResNetDS(spatial_dims=3, in_channels=1, init_filters=8, blocks_down=[1, 2, 2, 4, 4],
+                          out_channels=118, dsdepth=4)
+    state = network.state_dict()
+    for key in [k for k in state if k.endswith("head.bias")]:
+        state[key][5] += 50.0  # liver wins everywhere
+        state[key][6] += 40.0  # stomach second
+    save_file({k: v.contiguous() for k, v in state.items()}, str(root / "tiny.safetensors"))
+    out = root / "out"
+    cmd = [sys.executable, "-m", "ctfm_bundles.segment", str(root / "ct.nii.gz"), str(out), "--roi_subset",
+           "liver,spleen", "--masks", "--ckpt", str(root / "tiny.safetensors"), "--device", "cpu",
+           "--init_filters", "8", "--spacing", "[8.0, 8.0, 8.0]", "--roi_size", "[32, 32, 32]", "--amp", "False"]
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))  # what `pip install .` provides; run from elsewhere
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "segmented 1 of 1 case(s)" in proc.stdout
+    return out / "ct", root
+
+
+def test_cli_restricts_outputs_and_statistics_to_the_roi_subset(cli_run):
+    """Label map, statistics and one mask per chosen structure hold the roi_subset only (liver; spleen absent)."""
+    import csv
+
+    import nibabel as nib
+    import numpy as np
+
+    folder, root = cli_run
+    seg = nib.load(folder / "ct_seg.nii.gz")
+    values = set(np.unique(np.asarray(seg.dataobj)).tolist())
+    assert values == {5} and seg.shape == nib.load(root / "ct.nii.gz").shape
+    rows = list(csv.DictReader(open(folder / "ct_structures.csv")))
+    assert [r["name"] for r in rows] == ["liver"]
+    assert sorted(p.name for p in (folder / "masks").iterdir()) == ["liver.nii.gz", "spleen.nii.gz"]
+    liver = np.asarray(nib.load(folder / "masks" / "liver.nii.gz").dataobj)
+    assert np.array_equal(liver, np.asarray(seg.dataobj) == 5)
+    assert not np.asarray(nib.load(folder / "masks" / "spleen.nii.gz").dataobj).any()
+
+
+def test_cli_carries_names_and_colours_with_the_label_map(cli_run):
+    """A colour table beside the NIfTI and a Slicer .seg.nrrd name each structure with its TotalSegmentator
+    colour; the .seg.nrrd voxels and geometry equal the NIfTI's."""
+    import json
+
+    import nibabel as nib
+    import nrrd
+    import numpy as np
+
+    folder, _ = cli_run
+    codes = {s["name"]: s for s in json.loads((BUNDLES_DIR / SEG / "scripts" / "structure_codes.json").read_text())
+             ["structures"]}
+    table = [line.split() for line in (folder / "ct_seg.ctbl").read_text().splitlines() if not line.startswith("#")]
+    assert table[1:] == [["1", "spleen", *map(str, codes["spleen"]["rgb"]), "255"],
+                         ["5", "liver", *map(str, codes["liver"]["rgb"]), "255"]]
+    data, header = nrrd.read(str(folder / "ct.seg.nrrd"))
+    seg = nib.load(folder / "ct_seg.nii.gz")
+    assert np.array_equal(data, np.asarray(seg.dataobj))
+    assert header["Segment0_Name"] == "liver" and header["Segment0_LabelValue"] == "5"
+    rgb = [float(c) * 255 for c in header["Segment0_Color"].split()]
+    np.testing.assert_allclose(rgb, codes["liver"]["rgb"], atol=0.01)
+    lps = np.diag([-1.0, -1.0, 1.0])
+    np.testing.assert_allclose(header["space directions"], (lps @ seg.affine[:3, :3]).T, atol=1e-5)
+    np.testing.assert_allclose(header["space origin"], lps @ seg.affine[:3, 3], atol=1e-5)
+
+
+def test_preview_legend_lists_present_structures_in_distinct_colours():
+    """The preview's legend: every structure present, by name, each in its own colour (all 117 distinct)."""
+    import numpy as np
+
+    scripts = _seg_scripts()
+    names = scripts.labels.label_names(BUNDLES_DIR / SEG / "configs" / "metadata.json", 118)
+    colours = scripts.labels.display_colours(names)
+    assert len(colours) == 117 and len(set(colours.values())) == 117
+    labels = np.zeros((4, 4, 4), dtype=np.int32)
+    labels[0, 0, 0], labels[1, 1, 1], labels[2, 2, 2] = 5, 86, 87
+    entries = scripts.segment.legend_entries(labels, names, colours)
+    assert [(i, n) for i, n, _ in entries] == [(5, "liver"), (86, "autochthon_left"), (87, "autochthon_right")]
+    assert len({rgb for _, _, rgb in entries}) == 3
+    user = scripts.labels.display_colours({0: "background", 1: "lesion", 2: "cyst", 3: "liver"})
+    assert len(set(user.values())) == 3 and user[3] == tuple(scripts.labels.structure_codes()["liver"]["rgb"])
+
+
+# --- DICOM-SEG: coded concepts, laterality, colours, the bundle's version -------------------------------------
+
+
+def test_dicom_seg_codes_colours_and_version(tmp_path, shared_data):
+    """Every segment of the DICOM-SEG carries its SNOMED CT category and type from the structure table, the
+    laterality of paired organs as the type modifier, its recommended display colour (CIELab of the table's
+    RGB), and SoftwareVersions / algorithm version equal the bundle's metadata.json version."""
+    import json
+
+    import nibabel as nib
+    import numpy as np
+    from monai.transforms import LoadImage
+
+    highdicom = pytest.importorskip("highdicom")
+    pydicom = pytest.importorskip("pydicom")
+    scripts = _seg_scripts()
+    series = shared_data / "totalseg_example" / "dicom"
+    image = LoadImage(image_only=True, reader="ITKReader")(str(series))
+    labels = np.asarray(nib.load(shared_data / "totalseg_example" / "dicom_labels.nii.gz").dataobj).astype(np.int32)
+    assert labels.shape == tuple(image.shape)
+    names = scripts.labels.label_names(BUNDLES_DIR / SEG / "configs" / "metadata.json", 118)
+    out = scripts.dicom_seg.write_dicom_seg(labels, np.asarray(image.affine), series, tmp_path / "seg.dcm", names)
+
+    version = json.loads((BUNDLES_DIR / SEG / "configs" / "metadata.json").read_text())["version"]
+    codes = scripts.labels.structure_codes()
+    seg = highdicom.seg.segread(str(out))
+    raw = pydicom.dcmread(str(out))
+    assert raw.SoftwareVersions == version
+    present = [int(v) for v in np.unique(labels) if v > 0]
+    assert len(seg.SegmentSequence) == len(present)
+    for number, value in enumerate(present, start=1):
+        entry = codes[names[value]]
+        description = seg.get_segment_description(number)
+        assert description.segment_label == names[value]
+        assert description.segmented_property_category.value == entry["category"][1]
+        assert description.segmented_property_type.value == entry["type"][1]
+        assert description.segmented_property_type.scheme_designator == "SCT"
+        assert description.algorithm_identification[0].AlgorithmVersion == version
+        item = raw.SegmentSequence[number - 1]
+        modifier = item.SegmentedPropertyTypeCodeSequence[0].get("SegmentedPropertyTypeModifierCodeSequence")
+        if "type_modifier" in entry:
+            assert modifier[0].CodeValue == entry["type_modifier"][1]
+        else:
+            assert not modifier
+        assert list(item.RecommendedDisplayCIELabValue) == scripts.dicom_seg.rgb_to_dicom_lab(entry["rgb"])
+    by_name = {raw.SegmentSequence[n].SegmentLabel: raw.SegmentSequence[n] for n in range(len(present))}
+    left = by_name["autochthon_left"].SegmentedPropertyTypeCodeSequence[0]
+    right = by_name["autochthon_right"].SegmentedPropertyTypeCodeSequence[0]
+    assert (left.CodeValue, left.SegmentedPropertyTypeModifierCodeSequence[0].CodeMeaning) == ("244849004", "Left")
+    assert right.SegmentedPropertyTypeModifierCodeSequence[0].CodeMeaning == "Right"
+    assert by_name["liver"].SegmentedPropertyTypeCodeSequence[0].CodeMeaning == "Liver"
+    # white and a pure colour land where CIELab puts them (L* 100; red's a* positive)
+    assert scripts.dicom_seg.rgb_to_dicom_lab((255, 255, 255))[0] == 65535
+    red = scripts.dicom_seg.rgb_to_dicom_lab((255, 0, 0))
+    assert red[1] > 65535 * 128 / 255

@@ -25,9 +25,71 @@ from pathlib import Path
 import numpy as np
 
 from .ctfm_common.runtime import atomic_write
+from .labels import display_colours, structure_codes
 
-VERSION = "0.2.0"
 logger = logging.getLogger("ctfm_wholebody_seg")
+
+# sRGB (linear) -> CIE XYZ under D50, the DICOM profile connection space (Bradford-adapted sRGB matrix)
+_SRGB_TO_XYZ_D50 = np.array([[0.4360747, 0.3850649, 0.1430804],
+                             [0.2225045, 0.7168786, 0.0606169],
+                             [0.0139322, 0.0971045, 0.7141733]])
+_D50_WHITE = np.array([0.9642, 1.0, 0.8249])
+
+
+def bundle_version(bundle_root: str | os.PathLike | None = None) -> str:
+    """The bundle's version, read from its ``configs/metadata.json``."""
+    import json
+
+    root = Path(bundle_root) if bundle_root else Path(__file__).resolve().parents[1]
+    return str(json.loads((root / "configs" / "metadata.json").read_text())["version"])
+
+
+def rgb_to_dicom_lab(rgb: tuple[int, int, int]) -> list[int]:
+    """An sRGB colour (0-255) as a DICOM ``RecommendedDisplayCIELabValue`` (CIELab under D50, scaled to
+    0-65535: L* over 0..100, a* and b* over -128..127)."""
+    c = np.asarray(rgb, dtype=np.float64) / 255.0
+    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    xyz = _SRGB_TO_XYZ_D50 @ linear / _D50_WHITE
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    lab = (116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2]))
+    scaled = (lab[0] * 65535 / 100, (lab[1] + 128) * 65535 / 255, (lab[2] + 128) * 65535 / 255)
+    return [int(round(min(max(v, 0), 65535))) for v in scaled]
+
+
+def _coded(entry: list | None):
+    from highdicom.sr.coding import CodedConcept
+
+    return None if not entry else CodedConcept(value=entry[1], scheme_designator=entry[0], meaning=entry[2])
+
+
+def segment_description(hd, number: int, name: str, entry: dict | None, algorithm, rgb: tuple[int, int, int] | None):
+    """The DICOM segment description of one structure: its coded category and type (SNOMED CT), with
+    laterality as the type modifier, the anatomic region (and its modifier) where the table gives one,
+    and the recommended display colour. Structures outside the table are coded as Tissue / Organ."""
+    from pydicom.sr.codedict import codes
+
+    category = _coded(entry and entry.get("category")) or codes.SCT.Tissue
+    kind = _coded(entry and entry.get("type")) or codes.SCT.Organ
+    region = _coded(entry and entry.get("region"))
+    description = hd.seg.SegmentDescription(
+        segment_number=number,
+        segment_label=name[:64],
+        segmented_property_category=category,
+        segmented_property_type=kind,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm,
+        anatomic_regions=[region] if region is not None else None,
+    )
+    # highdicom 0.22 has no arguments for these two modifiers nor the colour: set the attributes directly
+    if entry and entry.get("type_modifier"):
+        description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+            _coded(entry["type_modifier"])
+        ]
+    if region is not None and entry.get("region_modifier"):
+        description.AnatomicRegionSequence[0].AnatomicRegionModifierSequence = [_coded(entry["region_modifier"])]
+    if rgb is not None:
+        description.RecommendedDisplayCIELabValue = rgb_to_dicom_lab(rgb)
+    return description
 
 
 def _read_series(folder: str | os.PathLike) -> list:
@@ -90,6 +152,7 @@ def write_dicom_seg(
     dicom_folder: str | os.PathLike,
     path: str | os.PathLike,
     names: Mapping[int, str],
+    version: str = "",
 ) -> Path:
     """Write ``labels`` (on the series' grid, as read by MONAI's ITK reader) as a DICOM-SEG.
 
@@ -101,7 +164,9 @@ def write_dicom_seg(
         affine: its voxel-to-world matrix (RAS).
         dicom_folder: the source series.
         path: ``.dcm`` file to write (atomically).
-        names: index -> structure name.
+        names: index -> structure name (structures of ``scripts/structure_codes.json`` get its codes and
+            colours).
+        version: the bundle's version (SoftwareVersions; default: read from ``configs/metadata.json``).
 
     Returns:
         The path written.
@@ -136,20 +201,16 @@ def write_dicom_seg(
         raise ValueError("no structure segmented: a DICOM-SEG needs at least one segment")
     lut = np.zeros(int(frames.max()) + 1, dtype=np.int32)
     lut[present] = np.arange(1, len(present) + 1)
+    version = version or bundle_version()
     algorithm = hd.AlgorithmIdentificationSequence(
-        name="CT-FM whole-body segmentation", version=VERSION, family=codes.cid7162.ArtificialIntelligence
+        name="CT-FM whole-body segmentation", version=version, family=codes.cid7162.ArtificialIntelligence
     )
-    descriptions = [
-        hd.seg.SegmentDescription(
-            segment_number=n + 1,
-            segment_label=names.get(value, f"class_{value}")[:64],
-            segmented_property_category=codes.SCT.Tissue,
-            segmented_property_type=codes.SCT.Organ,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm,
-        )
-        for n, value in enumerate(present)
-    ]
+    table = structure_codes()
+    colours = display_colours({value: names.get(value, f"class_{value}") for value in present}, table)
+    descriptions = []
+    for n, value in enumerate(present):
+        name = names.get(value, f"class_{value}")
+        descriptions.append(segment_description(hd, n + 1, name, table.get(name), algorithm, colours.get(value)))
     seg = hd.seg.Segmentation(
         source_images=datasets,
         pixel_array=lut[frames].astype(np.uint16),
@@ -161,7 +222,7 @@ def write_dicom_seg(
         instance_number=1,
         manufacturer="CT-FM bundles",
         manufacturer_model_name="ctfm_wholebody_seg",
-        software_versions=VERSION,
+        software_versions=version,
         device_serial_number="0",
         series_description="CT-FM whole-body segmentation (research use only)",
     )

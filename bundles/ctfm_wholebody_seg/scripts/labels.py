@@ -96,7 +96,7 @@ def select_labels(selection: str | int | Sequence[str | int] | None, names: Mapp
     """Label indices from a selection of indices and/or names (``"all"``: every foreground label).
 
     Args:
-        selection: e.g. ``["liver", "spleen", 5]``, ``"all"``, or empty for none.
+        selection: e.g. ``["liver", "spleen", 5]``, ``"liver,spleen"``, ``"all"``, or empty for none.
         names: ``{index: name}`` of the output channels (:func:`label_names`).
 
     Returns:
@@ -109,6 +109,8 @@ def select_labels(selection: str | int | Sequence[str | int] | None, names: Mapp
         return []
     if isinstance(selection, str) and selection.strip().lower() == "all":
         return sorted(i for i in names if i > 0)
+    if isinstance(selection, str) and "," in selection:  # "liver,spleen" from a command line
+        selection = [part for part in selection.split(",") if part.strip()]
     if isinstance(selection, (str, int)):
         selection = [selection]
     by_name = {name.lower(): index for index, name in names.items()}
@@ -124,3 +126,45 @@ def select_labels(selection: str | int | Sequence[str | int] | None, names: Mapp
         raise ValueError(f"unknown structure(s) {unknown}: give foreground indices 1..{max(names)} or names "
                          f"such as {', '.join(names[i] for i in sorted(names)[1:4])}")
     return sorted(chosen - {0})
+
+
+# Coded concepts and display colours of the 117 structures (TotalSegmentator's published mapping;
+# the file names its source).
+STRUCTURE_CODES = Path(__file__).with_name("structure_codes.json")
+
+
+def structure_codes(path: str | os.PathLike = STRUCTURE_CODES) -> dict[str, dict]:
+    """``{name: entry}`` of the structure table: ``category``, ``type`` and optional ``type_modifier``,
+    ``region``, ``region_modifier`` as ``[scheme, code value, code meaning]``, and ``rgb`` (0-255)."""
+    return {entry["name"]: entry for entry in json.loads(Path(path).read_text())["structures"]}
+
+
+def display_colours(names: Mapping[int, str], codes: Mapping[str, Mapping] | None = None) -> dict[int, tuple]:
+    """A recommended display colour (sRGB 0-255) for every foreground index of ``names``.
+
+    Structures of the table keep their published colour; others (user label sets, ``class_<i>``)
+    get colours spread around the hue circle (golden angle) that differ from those already used.
+
+    Args:
+        names: ``{index: name}`` (index 0, the background, gets no colour).
+        codes: the structure table (default: :func:`structure_codes`).
+
+    Returns:
+        ``{index: (r, g, b)}``.
+    """
+    import colorsys
+
+    codes = structure_codes() if codes is None else codes
+    colours = {i: tuple(codes[n]["rgb"]) for i, n in names.items() if i > 0 and n in codes}
+    used = set(colours.values())
+    step = 0
+    for index in sorted(i for i in names if i > 0 and i not in colours):
+        while True:
+            hue = (step * 0.618033988749895) % 1.0
+            rgb = tuple(round(255 * c) for c in colorsys.hsv_to_rgb(hue, 0.75, 0.95))
+            step += 1
+            if rgb not in used:
+                break
+        colours[index] = rgb
+        used.add(rgb)
+    return colours
