@@ -220,7 +220,7 @@ def test_bad_weight_files_give_clear_errors(tmp_path):
     torch.save({"weights": torch.zeros(1), "obj": NotATensor}, tmp_path / "pickled.pt")
     with pytest.raises(enc.EncoderWeightsError, match="weights_only=True"):
         enc.read_state_dict(tmp_path / "pickled.pt")
-    with pytest.raises(FileNotFoundError, match="neither an existing file"):
+    with pytest.raises(enc.WeightsNotFoundError, match="encoder weights not found: .*nowhere.*ct_fm_feature_extractor"):
         enc.read_state_dict(tmp_path / "nowhere" / "x.safetensors")
     # strict=False loads what matches and reports the rest
     partial = {k: v for k, v in load_state(good).items() if not k.startswith("layers.4")}

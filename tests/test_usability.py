@@ -72,7 +72,8 @@ def test_large_files_list_the_public_release(bundle):
     entries = yaml.safe_load((BUNDLES_DIR / bundle / "large_files.yml").read_text())["large_files"]
     urls = {e["url"] for e in entries}
     release = RELEASES[bundle]
-    assert {f"https://huggingface.co/{release}/resolve/main/{name}" for name in ("model.safetensors", "config.json")} <= urls
+    expected = {f"https://huggingface.co/{release}/resolve/main/{name}" for name in ("model.safetensors", "config.json")}
+    assert expected <= urls
     for entry in entries:
         assert entry["path"].startswith("models/") and set(entry) <= {"path", "url", "hash_val", "hash_type"}
 
@@ -89,7 +90,8 @@ def test_download_large_files_puts_weights_where_ckpt_looks(tmp_path, loopback_s
     (served / "config.json").write_text('{"init_filters": 32}')
     bundle = _copy_bundle(SEG, tmp_path)
     text = (bundle / "large_files.yml").read_text()
-    (bundle / "large_files.yml").write_text(text.replace("https://huggingface.co/project-lighter/whole_body_segmentation/resolve/main", base))
+    hub = "https://huggingface.co/project-lighter/whole_body_segmentation/resolve/main"
+    (bundle / "large_files.yml").write_text(text.replace(hub, base))
 
     download_large_files(bundle_path=str(bundle))
 
@@ -97,7 +99,8 @@ def test_download_large_files_puts_weights_where_ckpt_looks(tmp_path, loopback_s
     assert weights.read_bytes() == (served / "model.safetensors").read_bytes()
     assert _parsed(bundle / "configs" / "inference.json", "ckpt", bundle) == str(weights)
     for release_bundle in ("ctfm_triage", "ctfm_retrieval"):  # encoder_ckpt defaults to the downloaded folder
-        config = BUNDLES_DIR / release_bundle / "configs" / ("train.json" if release_bundle == "ctfm_triage" else "embed.json")
+        name = "train.json" if release_bundle == "ctfm_triage" else "embed.json"
+        config = BUNDLES_DIR / release_bundle / "configs" / name
         assert _parsed(config, "encoder_ckpt", tmp_path / release_bundle) == ""  # nothing downloaded: random init
         (tmp_path / release_bundle / "models" / "ct_fm_feature_extractor").mkdir(parents=True)
         assert _parsed(config, "encoder_ckpt", tmp_path / release_bundle) == str(
@@ -169,7 +172,8 @@ def _seg_scripts():
     name = "ctfm_wholebody_seg_scripts"
     if name not in sys.modules:
         root = BUNDLES_DIR / SEG / "scripts"
-        spec = importlib.util.spec_from_file_location(name, root / "__init__.py", submodule_search_locations=[str(root)])
+        spec = importlib.util.spec_from_file_location(name, root / "__init__.py",
+                                                      submodule_search_locations=[str(root)])
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)

@@ -235,8 +235,11 @@ def write_structure_masks(
     """One binary mask file per structure, ``<folder>/<name>.nii.gz`` (as TotalSegmentator writes them),
     for every index in ``indices`` (present or not: an absent structure gets an empty mask)."""
     folder = Path(folder)
-    return [str(write_label_map((labels == i).astype(np.uint8), affine, folder / f"{names.get(i, f'class_{i}')}.nii.gz"))
-            for i in indices]
+    written = []
+    for i in indices:
+        name = names.get(i, f"class_{i}")
+        written.append(str(write_label_map((labels == i).astype(np.uint8), affine, folder / f"{name}.nii.gz")))
+    return written
 
 
 def legend_entries(labels: np.ndarray, names: Mapping[int, str], colours: Mapping[int, Sequence[int]]) -> list[tuple]:
