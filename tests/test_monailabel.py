@@ -186,6 +186,7 @@ def test_server_lists_bundle(server):
     assert len(labels) == NUM_CLASSES - 1 and "background" not in labels
     assert labels["liver"] == 5 and labels["costal_cartilages"] == 117
     assert BUNDLE in info["trainers"]
+    assert model["config"]["preset"] == "fast"  # displayable_configs: a per-request setting (params {"preset": ...})
     metadata = json.loads((BUNDLES_DIR / BUNDLE / "configs" / "metadata.json").read_text())
     assert model["version"] == metadata["version"]
 
@@ -210,6 +211,7 @@ def test_infer_returns_label_map_on_study_grid(server, tmp_path):
     pred, study = nib.load(out), nib.load(server["ct"])
     assert pred.shape == study.shape
     np.testing.assert_allclose(pred.affine, study.affine, atol=1e-4)
+    assert pred.get_data_dtype().kind in "iu", f"label map stored as {pred.get_data_dtype()}, not as integers"
     values = np.unique(np.asarray(pred.dataobj))
     assert values.min() >= 0 and values.max() < NUM_CLASSES and np.all(values == np.round(values))
 
