@@ -20,7 +20,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .segment import segment  # noqa: F401
+
+def __getattr__(name: str):
+    """``ctfm_bundles.segment``: :func:`ctfm_bundles.wholebody.segment`, imported when first used."""
+    if name == "segment":
+        from .wholebody import segment
+
+        return segment
+    raise AttributeError(f"module 'ctfm_bundles' has no attribute '{name}'")
 
 
 def bundle_dir(name: str) -> Path:

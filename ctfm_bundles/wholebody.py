@@ -17,7 +17,7 @@ overrides; every other config id can be overridden too (``--id value``, as with
     ctfm-segment ct.nii.gz out/                                   # all 117 structures
     ctfm-segment dicom_series/ out/ --roi_subset liver,spleen --masks --dicom_seg
     ctfm-segment ct.nii.gz out/ --fast --ckpt project-lighter/whole_body_segmentation
-    python -m ctfm_bundles.segment ct.nii.gz out/ --device cpu    # the same without installing
+    python -m ctfm_bundles.wholebody ct.nii.gz out/ --device cpu    # the same without installing
 """
 
 from __future__ import annotations
