@@ -98,6 +98,8 @@ def test_download_large_files_puts_weights_where_ckpt_looks(tmp_path, loopback_s
     weights = bundle / "models" / "model.safetensors"
     assert weights.read_bytes() == (served / "model.safetensors").read_bytes()
     assert _parsed(bundle / "configs" / "inference.json", "ckpt", bundle) == str(weights)
+    evaluate = [bundle / "configs" / "train.json", bundle / "configs" / "evaluate.json"]
+    assert _parsed(evaluate, "ckpt", bundle) == str(weights)
     for release_bundle in ("ctfm_triage", "ctfm_retrieval"):  # encoder_ckpt defaults to the downloaded folder
         name = "train.json" if release_bundle == "ctfm_triage" else "embed.json"
         config = BUNDLES_DIR / release_bundle / "configs" / name
@@ -107,7 +109,7 @@ def test_download_large_files_puts_weights_where_ckpt_looks(tmp_path, loopback_s
             tmp_path / release_bundle / "models" / "ct_fm_feature_extractor")
 
 
-def _parsed(config: Path, key: str, bundle_root: Path) -> str:
+def _parsed(config: Path | list[Path], key: str, bundle_root: Path) -> str:
     """``key`` of ``config`` resolved with ``bundle_root`` as the bundle folder (the shared encoder module as
     the bundle's ``scripts.encoder``, which is a generated copy of it)."""
     import types
@@ -119,7 +121,9 @@ def _parsed(config: Path, key: str, bundle_root: Path) -> str:
         from ctfm_common import encoder
     finally:
         sys.path.remove(str(REPO_ROOT))
-    full = ConfigParser.load_config_file(str(config))
+    full = {}
+    for part in config if isinstance(config, list) else [config]:  # merged in order, as monai.bundle run does
+        full.update(ConfigParser.load_config_file(str(part)))
     ids = ("bundle_root", "ckpt_dir", key)  # the ids the weights path derives from (not the heavy imports)
     parser = ConfigParser({k: full[k] for k in ids if k in full},
                           globals={"scripts": types.SimpleNamespace(BUNDLE_ROOT=str(bundle_root), encoder=encoder)})
