@@ -72,7 +72,8 @@ def test_large_files_list_the_public_release(bundle):
     entries = yaml.safe_load((BUNDLES_DIR / bundle / "large_files.yml").read_text())["large_files"]
     urls = {e["url"] for e in entries}
     release = RELEASES[bundle]
-    expected = {f"https://huggingface.co/{release}/resolve/main/{name}" for name in ("model.safetensors", "config.json")}
+    expected = {f"https://huggingface.co/{release}/resolve/main/{name}" for name in ("model.safetensors",
+                                                                                     "config.json")}
     assert expected <= urls
     for entry in entries:
         assert entry["path"].startswith("models/") and set(entry) <= {"path", "url", "hash_val", "hash_type"}
