@@ -180,30 +180,28 @@ def write_preview(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import nibabel as nib
 
-    ornt = nib.orientations.io_orientation(affine)  # to RAS+
-    ct = nib.orientations.apply_orientation(image_hu, ornt).astype(np.float32)
-    lab = nib.orientations.apply_orientation(labels, ornt).astype(np.int32)
-    sizes = nib.affines.voxel_sizes(affine)[ornt[:, 0].astype(int)]
-    centre = np.argwhere(lab > 0).mean(0).round().astype(int) if (lab > 0).any() else np.array(lab.shape) // 2
-    i, j, k = centre
-    views = [  # (CT slice, label slice, aspect = row size / column size)
-        ("axial", ct[::-1, ::-1, k].T, lab[::-1, ::-1, k].T, sizes[1] / sizes[0]),
-        ("coronal", ct[::-1, j, ::-1].T, lab[::-1, j, ::-1].T, sizes[2] / sizes[0]),
-        ("sagittal", ct[i, ::-1, ::-1].T, lab[i, ::-1, ::-1].T, sizes[2] / sizes[1]),
-    ]
+    from .ctfm_common.display import draw_view, orthogonal_views
+
+    inside = np.argwhere(labels > 0)
+    centre = inside.mean(0) if len(inside) else (np.array(labels.shape) - 1) / 2.0  # stored voxel order
+    views = orthogonal_views([image_hu.astype(np.float32), labels.astype(np.int32)], affine, centre)
     cmap = plt.get_cmap("tab20")
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.6))
-    for ax, (name, image, overlay, aspect) in zip(axes, views):
-        ax.imshow(image, cmap="gray", vmin=PREVIEW_WINDOW[0], vmax=PREVIEW_WINDOW[1], aspect=aspect,
-                  interpolation="nearest")
+    for ax, view in zip(axes, views):
+        overlay = view.slices[1]
         colours = cmap((overlay % 20) / 19.0)
         colours[..., 3] = np.where(overlay > 0, 0.45, 0.0)
-        ax.imshow(colours, aspect=aspect, interpolation="nearest")
-        ax.set_title(name)
-        ax.axis("off")
-    fig.suptitle(f"{title} ({len(np.unique(lab)) - 1} structures)")
+        draw_view(
+            ax,
+            view,
+            images=[
+                {"cmap": "gray", "vmin": PREVIEW_WINDOW[0], "vmax": PREVIEW_WINDOW[1]},
+                {"rgba": True, "colours": colours},
+            ],
+            mark=False,
+        )
+    fig.suptitle(f"{title} ({len(np.unique(labels[labels > 0]))} structures)")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
