@@ -93,7 +93,7 @@ def occlusion_saliency(
             overlap=float(overlap),
             mode=mode,
             activate=False,
-            verbose=False,
+            verbose=True,  # a progress bar: on a full-size scan this runs for minutes
         )
         occ_map, _ = occlusion(data)
     occ_map = occ_map.as_tensor() if hasattr(occ_map, "as_tensor") else occ_map
