@@ -97,6 +97,8 @@ def test_zoo_ci_checks_pass_offline(bundle, bundle_copy):
     override = width_overrides(meta)
     verify_net_in_out(net_id="network_def", meta_file=str(root / "configs/metadata.json"), config_file=str(inference),
                       bundle_root=str(root), device="cpu", p=1, n=1, any=1, **override)
+    if bundle == "ctfm_retrieval":
+        return  # its ckpt_export from models/model.pt: test_retrieval_ckpt_export_works_on_the_exported_encoder
     # models/model.pt: random weights of the network_def (none are committed)
     parser = ConfigParser()
     parser.read_config(str(inference))
