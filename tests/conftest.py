@@ -79,3 +79,16 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "totalseg_example" / "ct_small.nii.gz").is_file():
         pytest.skip(f"real CT test data not found at {SHARED_DATA} (it ships beside the repo as ../shared/data)")
     return SHARED_DATA
+
+
+def tensorboard_scalars(log_dir: str | os.PathLike) -> dict[str, list[float]]:
+    """Every scalar tag in the TensorBoard event files of ``log_dir``: ``{tag: [values by step]}``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for events in sorted(Path(log_dir).glob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
+    return {tag: [v for _, v in sorted(values)] for tag, values in scalars.items()}

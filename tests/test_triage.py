@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLES_DIR, SHARED_DATA, run_bundle
+from conftest import BUNDLES_DIR, SHARED_DATA, run_bundle, tensorboard_scalars
 
 import phantom
 
@@ -99,6 +99,8 @@ def test_short_training_separates_held_out_phantoms(trained):
     models = root / "models"
     assert (models / "model.pt").is_file() and (models / "model_last.pt").is_file()
     assert list((root / "train_out" / "tensorboard").glob("events.out.tfevents.*"))
+    rates = tensorboard_scalars(root / "train_out" / "tensorboard")["learning_rate"]  # logged each iteration
+    assert rates and rates[0] == pytest.approx(TRAIN["learning_rate"])
     stored = json.loads((models / "thresholds.json").read_text())
     assert stored["threshold_method"] == "youden" and 0.0 < stored["thresholds"]["abnormal"] < 1.0
     # the best checkpoint carries the threshold chosen on validation with its own weights

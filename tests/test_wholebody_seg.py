@@ -29,7 +29,7 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import BUNDLES_DIR, run_bundle
+from conftest import BUNDLES_DIR, run_bundle, tensorboard_scalars
 
 import phantom
 
@@ -79,6 +79,10 @@ def test_training_loads_the_encoder_and_writes_best_and_last_checkpoints(trained
     assert (trained["ckpt_dir"] / "model.pt").stat().st_size > 0
     assert (trained["ckpt_dir"] / "last.pt").stat().st_size > 0
     assert list((trained["root"] / "train" / "tensorboard").glob("events.out.tfevents.*"))
+    # the learning rate is logged to TensorBoard, each iteration (the configured rate in the first epoch)
+    rates = tensorboard_scalars(trained["root"] / "train" / "tensorboard")["learning_rate"]
+    configured = json.loads((BUNDLES_DIR / BUNDLE / "configs" / "train.json").read_text())["learning_rate"]
+    assert rates and rates[0] == pytest.approx(configured)
     # the best checkpoint holds the complete SegResNetDS (118 outputs), readable with weights_only=True
     import torch
 

@@ -99,8 +99,20 @@ def hub_weights(bundle: str, state: dict) -> tuple[dict, dict]:
     return {k: state[prefix + k] for k in expected}, {"architecture": "SegResEncoder", **config}
 
 
+def bundle_model_card(bundle_dir: Path) -> str:
+    """The ``## Model card`` section of a bundle's ``docs/README.md`` (intended use, training data,
+    evaluation, limitations, licence of the weights): one text for the bundle docs and the hub card."""
+    text = (bundle_dir / "docs" / "README.md").read_text()
+    start = text.find("\n## Model card\n")
+    if start < 0:
+        raise ValueError(f"{bundle_dir / 'docs' / 'README.md'} has no '## Model card' section")
+    rest = text[start + 1 :]
+    end = rest.find("\n## ", 1)
+    return (rest if end < 0 else rest[: end + 1]).strip() + "\n"
+
+
 def model_card(meta: dict, bundle: str, config: dict, repo_id: str, weights_name: str, sha256: str) -> str:
-    """A hub model card (README.md with YAML front matter) from the bundle's metadata."""
+    """A hub model card (README.md with YAML front matter) from the bundle's metadata and model card."""
     fmt = meta.get("network_data_format", {})
     image = fmt.get("inputs", {}).get("image", {})
     pred = fmt.get("outputs", {}).get("pred", {})
@@ -129,10 +141,13 @@ tags:
 
 **Intended use:** {meta.get("intended_use", "")}
 
+{bundle_model_card(BUNDLES_DIR / bundle)}
 ## Files
 
 - `{HUB_WEIGHTS}`: weights of `{config["architecture"]}({arch_args})`, from `{weights_name}`
-  (SHA-256 of the file here: `{sha256}`); `{HUB_CONFIG}`: the same constructor arguments.
+  (SHA-256 of the file here: `{sha256}`); `{HUB_CONFIG}`: the same constructor arguments. The model
+  card above is the bundle's: evaluation figures for these particular weights are only those their
+  publisher adds here.
 - `configs/`, `scripts/`, `docs/`, `LICENSE`, `large_files.yml`: the MONAI bundle
   (`configs/metadata.json` is its metadata; `docs/README.md` its documentation).
 

@@ -86,7 +86,7 @@ ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest zip timestamp: same tree, same 
 # The config whose ``network_def`` is the network of the metadata's network_data_format.
 NETWORK_CONFIG = {
     "ctfm_pretrain": "train.json",
-    "ctfm_retrieval": "embed.json",
+    "ctfm_retrieval": "inference.json",  # = embed.json (tools/sync_bundles.py)
     "ctfm_triage": "inference.json",
     "ctfm_wholebody_seg": "inference.json",
 }

@@ -15,6 +15,11 @@ code it runs. ``ctfm_common/`` is the only place to edit it; this build step wri
 copies, each stamped with where it came from, and ``--check`` (run by the test suite)
 fails when a copy has drifted.
 
+It also writes the config copies of :data:`CONFIG_COPIES`: the Model Zoo's CI looks for
+``configs/inference.json`` in every bundle, and the retrieval bundle's inference is its embed
+workflow, so ``ctfm_retrieval/configs/inference.json`` is ``embed.json`` byte for byte (edit
+``embed.json``).
+
 Usage::
 
     python tools/sync_bundles.py            # write the copies
@@ -33,6 +38,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SOURCE = REPO_ROOT / "ctfm_common"
 BUNDLES_DIR = REPO_ROOT / "bundles"
 TARGET = Path("scripts") / "ctfm_common"
+# bundle -> {generated config: its source config} (JSON carries no stamp: the pair is listed here)
+CONFIG_COPIES = {"ctfm_retrieval": {"inference.json": "embed.json"}}
 STAMP = "# GENERATED from ctfm_common/{name} by tools/sync_bundles.py: edit the source, not this copy.\n"
 
 
@@ -47,6 +54,9 @@ def expected_copies(source: Path = SOURCE, bundles_dir: Path = BUNDLES_DIR) -> d
     for bundle in bundle_dirs(bundles_dir):
         for src in sorted(source.glob("*.py")):
             files[bundle / TARGET / src.name] = STAMP.format(name=src.name) + src.read_text()
+        for copy, original in CONFIG_COPIES.get(bundle.name, {}).items():
+            if (bundle / "configs" / original).is_file():
+                files[bundle / "configs" / copy] = (bundle / "configs" / original).read_text()
     return files
 
 

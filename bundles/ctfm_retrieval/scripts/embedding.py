@@ -56,6 +56,32 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def save_model(network: nn.Module, encoder_ckpt: str, path: str) -> Path:
+    """Write ``models/model.pt`` (the Model Zoo's weights file) from any ``encoder_ckpt`` source.
+
+    ``ckpt_export`` and the zoo's CI read ``models/model.pt`` with ``torch.load``; the encoder is
+    usually a ``.safetensors`` file or a hub repo. This loads it strictly (any prefix) and saves the
+    network's state dict atomically.
+
+    Args:
+        network: the inference config's ``network_def``.
+        encoder_ckpt: weights (file, hub folder or repo id).
+        path: where to write the state dict.
+
+    Returns:
+        The written path.
+    """
+    from .ctfm_common.encoder import load_encoder_weights
+
+    if not encoder_ckpt:
+        raise ValueError("save_model needs --encoder_ckpt (a .safetensors/torch file, a hub folder or a repo id)")
+    load_encoder_weights(network, encoder_ckpt, strict=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+    written = atomic_write(path, lambda tmp: torch.save(state, tmp))
+    logger.info(f"saved {encoder_ckpt} as {written}")
+    return written
+
+
 def load_encoder_or_warn(network: nn.Module, encoder_ckpt: str) -> nn.Module:
     """Load ``encoder_ckpt`` strictly into ``network``; warn loudly when it is empty.
 

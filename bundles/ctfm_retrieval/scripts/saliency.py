@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .ctfm_common.display import readable
 from .ctfm_common.inputs import case_name
 from .ctfm_common.runtime import atomic_write_text
 from .semantic_search import save_map_on_input_grid, save_overlay_png
@@ -92,7 +93,7 @@ def occlusion_saliency(
             overlap=float(overlap),
             mode=mode,
             activate=False,
-            verbose=False,
+            verbose=True,  # a progress bar: on a full-size scan this runs for minutes
         )
         occ_map, _ = occlusion(data)
     occ_map = occ_map.as_tensor() if hasattr(occ_map, "as_tensor") else occ_map
@@ -110,9 +111,9 @@ def occlusion_saliency(
         f"{name}: occlusion saliency (1 - cosine to the unoccluded embedding)",
         out_dir / f"{name}_saliency.png",
         vmin=0.0,
-        vmax=max(float(array.max()), 1e-6),
-        label="1 - cosine",
-        zooms=np.linalg.norm(affine[:3, :3], axis=0),
+        label="1 - cosine (+: peak)",
+        affine=affine,
+        cmap="inferno",
     )
     summary = {
         "input": str(input),
@@ -126,6 +127,6 @@ def occlusion_saliency(
     }
     atomic_write_text(out_dir / f"{name}_saliency.json", json.dumps(summary, indent=2) + "\n")
     logger.info(
-        f"saliency map -> {nifti} (max {summary['max']:.4f} at {np.round(summary['peak_world'], 1).tolist()} mm)"
+        f"saliency map -> {nifti} (max {readable(summary['max'])} at {np.round(summary['peak_world'], 1).tolist()} mm)"
     )
     return summary

@@ -126,33 +126,56 @@ def save_map_on_input_grid(
 def save_overlay_png(
     image: np.ndarray,
     overlay: np.ndarray,
-    centre: Sequence[int],
+    centre: Sequence[float],
     title: str,
     path: Path,
-    vmin: float = -1.0,
-    vmax: float = 1.0,
+    vmin: float | None = None,
+    vmax: float | None = None,
     label: str = "cosine similarity",
-    zooms: Sequence[float] = (1.0, 1.0, 1.0),
+    affine: np.ndarray | None = None,
+    cmap: str = "viridis",
 ) -> None:
-    """Three orthogonal slices through voxel ``centre``: ``image`` in grey, ``overlay`` in colour, atomically.
+    """Axial, coronal and sagittal slices through voxel ``centre`` (marked), overlay in colour, atomically.
 
-    ``zooms`` (voxel sizes, mm) give the slices their physical aspect ratio.
+    The display convention of ``ctfm_common.display`` (the same as the segmentation preview): RAS for
+    display, anterior / head up, the patient's right on the viewer's left, physical aspect ratio,
+    anatomical axis labels. The colour scale fits the overlay's values unless ``vmin`` / ``vmax`` are
+    given.
+
+    Args:
+        image: the CT (HU) on the input's grid.
+        overlay: the map on the same grid.
+        centre: voxel index (stored order) the slices pass through and that is marked.
+        title: figure title.
+        path: the PNG to write.
+        vmin: lower end of the colour scale (default: fitted to the data).
+        vmax: upper end of the colour scale (default: fitted to the data).
+        label: colour bar label.
+        affine: the grid's voxel-to-world matrix (default: identity, i.e. RAS voxels).
+        cmap: colour map of the overlay.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4))
-    for axis, ax in enumerate(axes):
-        index = [slice(None)] * 3
-        index[axis] = int(centre[axis])
-        rows_axis, cols_axis = [a for a in range(3) if a != axis][::-1]  # after rot90: rows = 2nd, columns = 1st
-        aspect = float(zooms[rows_axis]) / float(zooms[cols_axis])
-        ax.imshow(np.rot90(image[tuple(index)]), cmap="gray", aspect=aspect)
-        shown = ax.imshow(np.rot90(overlay[tuple(index)]), cmap="jet", alpha=0.45, vmin=vmin, vmax=vmax, aspect=aspect)
-        ax.set_title(f"voxel axis {axis} = {index[axis]}")
-        ax.axis("off")
+    from .ctfm_common.display import draw_view, orthogonal_views, value_range
+
+    affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+    low, high = value_range(overlay)
+    vmin = low if vmin is None else vmin
+    vmax = high if vmax is None else vmax
+    grey = value_range(image)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
+    for ax, view in zip(axes, orthogonal_views([image, overlay], affine, centre)):
+        shown = draw_view(
+            ax,
+            view,
+            images=[
+                {"cmap": "gray", "vmin": grey[0], "vmax": grey[1]},
+                {"cmap": cmap, "alpha": 0.45, "vmin": vmin, "vmax": vmax},
+            ],
+        )
     fig.colorbar(shown, ax=axes, fraction=0.02, label=label)
     fig.suptitle(title)
     try:
@@ -267,14 +290,18 @@ def semantic_search(
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(out_dir / f"{name}_matches.csv", buffer.getvalue())
-    best = np.clip(np.rint(voxels[0]).astype(int), 0, np.array(map_array.shape) - 1)
+    # through the query point when the target is the query image, else through the best match (marked)
+    shown_world = point if target == query_image else matches_world[0]
+    shown = nib.affines.apply_affine(np.linalg.inv(affine), np.asarray(shown_world, dtype=np.float64))
+    shown = np.clip(np.rint(shown).astype(int), 0, np.array(map_array.shape) - 1)
+    marked = "query point" if target == query_image else "best match"
     save_overlay_png(
         target_image,
         map_array,
-        best,
-        f"{name}: cosine similarity to {point.round(1).tolist()} mm in {case_name(query_image)}",
+        shown,
+        f"{name}: cosine similarity to {point.round(1).tolist()} mm in {case_name(query_image)} (+: {marked})",
         out_dir / f"{name}_similarity.png",
-        zooms=np.linalg.norm(affine[:3, :3], axis=0),
+        affine=affine,
     )
     atomic_write_text(out_dir / f"{name}_summary.json", json.dumps(summary, indent=2) + "\n")
     logger.info(

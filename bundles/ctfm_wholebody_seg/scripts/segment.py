@@ -277,19 +277,13 @@ def write_preview(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import nibabel as nib
 
-    ornt = nib.orientations.io_orientation(affine)  # to RAS+
-    ct = nib.orientations.apply_orientation(image_hu, ornt).astype(np.float32)
-    lab = nib.orientations.apply_orientation(labels, ornt).astype(np.int32)
-    sizes = nib.affines.voxel_sizes(affine)[ornt[:, 0].astype(int)]
-    centre = np.argwhere(lab > 0).mean(0).round().astype(int) if (lab > 0).any() else np.array(lab.shape) // 2
-    i, j, k = centre
-    views = [  # (CT slice, label slice, aspect = row size / column size)
-        ("axial", ct[::-1, ::-1, k].T, lab[::-1, ::-1, k].T, sizes[1] / sizes[0]),
-        ("coronal", ct[::-1, j, ::-1].T, lab[::-1, j, ::-1].T, sizes[2] / sizes[0]),
-        ("sagittal", ct[i, ::-1, ::-1].T, lab[i, ::-1, ::-1].T, sizes[2] / sizes[1]),
-    ]
+    from .ctfm_common.display import draw_view, orthogonal_views
+
+    lab = np.asarray(labels).astype(np.int32)
+    inside = np.argwhere(lab > 0)
+    centre = inside.mean(0) if len(inside) else (np.array(lab.shape) - 1) / 2.0  # stored voxel order
+    views = orthogonal_views([np.asarray(image_hu).astype(np.float32), lab], affine, centre)
     names = dict(names or {})
     names.update({int(v): names.get(int(v), f"class_{int(v)}") for v in np.unique(lab) if v > 0})
     colours = colours if colours is not None else display_colours(names)
@@ -298,12 +292,16 @@ def write_preview(
     for index, _, rgb in entries:  # each structure in its own colour, half transparent over the CT
         lut[index] = (*rgb, 0.45)
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.6))
-    for ax, (name, image, overlay, aspect) in zip(axes, views):
-        ax.imshow(image, cmap="gray", vmin=PREVIEW_WINDOW[0], vmax=PREVIEW_WINDOW[1], aspect=aspect,
-                  interpolation="nearest")
-        ax.imshow(lut[overlay], aspect=aspect, interpolation="nearest")
-        ax.set_title(name)
-        ax.axis("off")
+    for ax, view in zip(axes, views):
+        draw_view(
+            ax,
+            view,
+            images=[
+                {"cmap": "gray", "vmin": PREVIEW_WINDOW[0], "vmax": PREVIEW_WINDOW[1]},
+                {"rgba": True, "colours": lut[view.slices[1]]},
+            ],
+            mark=False,
+        )
     fig.suptitle(f"{title} ({len(entries)} structures)")
     if entries:  # legend of the structures present, beside the views
         from matplotlib.patches import Patch

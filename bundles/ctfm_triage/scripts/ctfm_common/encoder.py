@@ -182,6 +182,21 @@ class PooledEncoderHead(nn.Module):
             self.head = nn.Sequential(
                 nn.Linear(dim, hidden_features), nn.ReLU(inplace=True), nn.Linear(hidden_features, out_features)
             )
+        self._register_load_state_dict_pre_hook(self._accept_bare_encoder_keys)
+
+    @staticmethod
+    def _accept_bare_encoder_keys(state_dict, prefix, *args) -> None:
+        """Let ``load_state_dict`` take the exchange format (bare ``SegResEncoder`` keys) too.
+
+        ``encoder_ckpt`` files hold the encoder's keys without the ``encoder.`` prefix; a head-less
+        network is exactly that encoder, so MONAI's ``ckpt_export`` (a strict ``load_state_dict``) can
+        export it from such a file. Only applies when no key of the state dict carries a known part.
+        """
+        own = [k for k in state_dict if k.startswith(prefix)]
+        if not own or any(k[len(prefix):].startswith(("encoder.", "head.", "pool.")) for k in own):
+            return
+        for key in own:
+            state_dict[f"{prefix}encoder.{key[len(prefix):]}"] = state_dict.pop(key)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Embedding of a batch of volumes: (B, C, D, H, W) -> (B, 512)."""

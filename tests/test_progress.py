@@ -1,0 +1,71 @@
+# Copyright (c) CT-FM bundles contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Long steps show progress: occlusion saliency (minutes on a full-size scan) and seg sliding windows.
+
+(The learning rate in TensorBoard is checked where training already runs: ``test_wholebody_seg.py``
+and ``test_triage.py``.)
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import re
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import BUNDLES_DIR
+from monai.bundle import ConfigParser
+from phantom import make_body_phantom
+
+
+@pytest.fixture
+def retrieval_scripts():
+    saved = list(sys.path)
+    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+        del sys.modules[name]
+    sys.path.insert(0, str(BUNDLES_DIR / "ctfm_retrieval"))
+    yield importlib.import_module("scripts")
+    sys.path[:] = saved
+    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+        del sys.modules[name]
+
+
+def test_saliency_shows_progress_and_logs_a_readable_maximum(retrieval_scripts, tmp_path, capfd, caplog):
+    from monai import transforms as mt
+
+    saliency = importlib.import_module("scripts.saliency")
+    encoder = retrieval_scripts.encoder
+    image, _, affine = make_body_phantom(shape=(24, 24, 16), spacing=(8.0, 8.0, 8.0), noise_hu=0.0)
+    scan = tmp_path / "body.nii.gz"
+    nib.save(nib.Nifti1Image(image.astype(np.float32), affine), str(scan))
+    preprocessing = mt.Compose([
+        mt.LoadImaged("image", image_only=True), mt.EnsureChannelFirstd("image"), mt.Orientationd("image", "SPL"),
+        mt.ScaleIntensityRanged("image", -1024, 2048, 0, 1, clip=True), mt.DivisiblePadd("image", 16),
+    ])
+    net = encoder.PooledEncoderHead(init_filters=8).eval()
+    with caplog.at_level(logging.INFO):
+        summary = saliency.occlusion_saliency(input=str(scan), preprocessing=preprocessing, network=net,
+                                              output_dir=str(tmp_path), mask_size=8, overlap=0.0)
+    err = capfd.readouterr().err
+    assert re.search(r"\d+%\|", err), f"no progress bar on stderr: {err[-500:]!r}"
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("saliency map ->"))
+    shown = re.search(r"max (\S+) at", line).group(1)
+    assert float(shown) == pytest.approx(summary["max"], rel=1e-3) and shown not in ("0.0000", "0")
+
+
+def test_seg_sliding_window_progress_is_on_by_default():
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES_DIR / "ctfm_wholebody_seg" / "configs" / "inference.json"))
+    assert parser.get_parsed_content("progress") is True
+    assert parser["inferer"]["progress"] == "@progress"
