@@ -40,16 +40,18 @@ class UsageError(ValueError):
 
 #: ``OSError`` numbers that are the user's environment, not a bug: one line, no traceback.
 _ENVIRONMENT_ERRNOS = {
-    errno.ENOSPC: "No space left on device",
-    errno.EROFS: "read-only file system",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "operation not permitted",
-    errno.ENOTDIR: "a path component is a file, not a folder",
-    errno.EEXIST: "exists and is not a folder",
-    errno.EISDIR: "is a folder, not a file",
-    errno.ENOENT: "no such file or folder",
-    errno.EDQUOT: "disk quota exceeded",
-}
+    errno.ENOSPC: "the disk is full: free space or write elsewhere",
+    errno.EDQUOT: "disk quota exceeded: free space or write elsewhere",
+    errno.EROFS: "a read-only file system: pick a writable --output_dir / --ckpt_dir",
+    errno.EACCES: "no permission: pick a writable --output_dir / --ckpt_dir",
+    errno.EPERM: "no permission: pick a writable --output_dir / --ckpt_dir",
+    errno.ENOTDIR: "a file is in the way where a folder is needed",
+    errno.EEXIST: "a file is in the way where a folder is needed",
+    errno.EISDIR: "a folder where a file is needed",
+    errno.ENOENT: "",
+    errno.EIO: "",
+}#: Error types of the bundles whose message is already one line naming the file (a scan, a datalist).
+_ONE_LINE_ERRORS = {"InputError", "DatalistError"}
 _NO_CUDA = ("Torch not compiled with CUDA enabled", "Found no NVIDIA driver", "No CUDA GPUs are available",
             "CUDA driver initialization failed", "invalid device ordinal")
 
@@ -73,18 +75,20 @@ def user_error_line(error: BaseException) -> str | None:
     """
     chain = _chain(error)
     for cause in chain:
-        if isinstance(cause, UsageError) or type(cause).__name__ == "InputError":
+        if isinstance(cause, UsageError) or type(cause).__name__ in _ONE_LINE_ERRORS:
             return str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
     for cause in chain:
         if isinstance(cause, OSError) and cause.errno in _ENVIRONMENT_ERRNOS:
             where = cause.filename if cause.filename is not None else ""
-            what = cause.strerror or _ENVIRONMENT_ERRNOS[cause.errno]
-            return f"{where}: {what}" if where else what
+            what = cause.strerror or os.strerror(cause.errno)
+            hint = _ENVIRONMENT_ERRNOS[cause.errno]
+            what = f"{what} ({hint})" if hint and hint.split(":")[0] not in what else what
+            return f"{where}: {what}" if where and str(where) not in what else what
     for cause in chain:
         text = str(cause)
         if any(marker in text for marker in _NO_CUDA):
-            return (f"a CUDA device was requested but this machine has none usable ({text.strip().splitlines()[0]}); "
-                    "run with --device cpu")
+            reason = text.strip().splitlines()[0].split(". ")[0][:120]
+            return f"a CUDA device was requested but this machine has none usable ({reason}); run with --device cpu"
     return None
 
 

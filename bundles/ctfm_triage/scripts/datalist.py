@@ -224,7 +224,7 @@ def load_datalist(
         try:
             content = json.loads(path.read_text())
         except json.JSONDecodeError as e:
-            raise DatalistError(f"{path}: not valid JSON ({e}).") from e
+            raise DatalistError(f"{path}: not a valid datalist JSON ({e}).") from e
     if section not in SECTIONS:
         raise DatalistError(f"unknown datalist section '{section}' (expected one of {', '.join(SECTIONS)}).")
     items = content.get(section) or []

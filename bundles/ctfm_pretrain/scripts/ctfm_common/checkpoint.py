@@ -28,6 +28,39 @@ _ITERATION_OR_EPOCH = re.compile(r"(?:iteration|epoch)=(\d+)\.pt$")
 _IGNITE_TEMPORARY = re.compile(r"^tmp[a-z0-9_]{8}$")
 
 
+#: What torch's zip writer says when a write fails midway (it drops the OS error, e.g. a full disk).
+_TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed", "PytorchStreamWriter failed")
+#: Below this much free space a failed checkpoint write is reported as a full disk.
+LOW_DISK_BYTES = 512 * 2**20
+
+
+def _explain_write_failures(save_func):
+    """Wrap a ``DiskSaver._save_func`` so that torch's "unexpected pos 16008960" becomes an ``OSError`` naming
+    the checkpoint and, when the disk is (nearly) full, saying so ("No space left on device")."""
+
+    def save(checkpoint, path, func):
+        try:
+            return save_func(checkpoint, path, func)
+        except RuntimeError as e:
+            text = str(e)
+            if not any(marker in text for marker in _TORCH_WRITE_FAILURES):
+                raise
+            import errno
+            import shutil
+
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+            first = text.strip().splitlines()[0][:200]
+            if free < LOW_DISK_BYTES:
+                raise OSError(
+                    errno.ENOSPC, f"No space left on device while writing this checkpoint ({free / 2**20:.0f} MiB "
+                    "free); the previous checkpoint is kept", str(path)
+                ) from e
+            raise OSError(errno.EIO, f"writing this checkpoint failed ({first}); the previous one is kept",
+                          str(path)) from e
+
+    return save
+
+
 def _keep_file(filename: str) -> None:
     """A save handler's ``remove`` that keeps the file (it is overwritten atomically instead)."""
 
@@ -57,6 +90,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
             if checkpoint is None:
                 continue
             checkpoint.save_handler._atomic = True
+            checkpoint.save_handler._save_func = _explain_write_failures(checkpoint.save_handler._save_func)
             if checkpoint.save_handler.filename is not None:
                 # Ignite deletes the file it replaces before writing the new one; a fixed name is
                 # replaced in place by the atomic write instead, so there is always a checkpoint.
