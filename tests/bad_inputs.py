@@ -235,7 +235,11 @@ SETTINGS_EXPECTED: dict[str, str] = {
     "item_without_label": "item 0 of '",
     "output_dir_is_a_file": "a file is in the way where a folder is needed",
     "device_cuda_without_cuda": "a CUDA device was requested but this machine has none usable",
+    "label_other_grid": "label map is not on the voxel grid of its image",
+    "label_shifted_30mm": "label map is not on the voxel grid of its image",
 }
+#: cases of image/label pairs (label maps: the segmentation runners only)
+LABEL_MAP_CASES = ("label_other_grid", "label_shifted_30mm")
 
 
 def run_cases_in_one_process(bundle_root: str, cases: list[dict]) -> list[dict]:
@@ -252,9 +256,19 @@ def run_cases_in_one_process(bundle_root: str, cases: list[dict]) -> list[dict]:
 
     from scripts.ctfm_common import runtime
 
+    import logging
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
     results = []
     for case in cases:
-        result = {"name": case["name"], "runner": case["runner"], "line": None, "traceback": None, "ok": False}
+        result = {"name": case["name"], "runner": case["runner"], "line": None, "traceback": None, "ok": False,
+                  "output_dir": case.get("output_dir")}
+        messages: list[str] = []
+        result["log"] = messages
+        logging.getLogger("ctfm_common.validate").addHandler(Collect(logging.WARNING))
         try:
             run(case["run_id"], config_file=case["config_files"], **case["overrides"])
             result["ok"] = True

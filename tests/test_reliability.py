@@ -28,12 +28,21 @@ import logging
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bad_inputs import EXPECTED, MR_WARNING, ROUND_2, SETTINGS_EXPECTED, body_volume, write_corpus
+from bad_inputs import (
+    EXPECTED,
+    LABEL_MAP_CASES,
+    MR_WARNING,
+    ROUND_2,
+    SETTINGS_EXPECTED,
+    body_volume,
+    write_corpus,
+)
 from conftest import BUNDLES_DIR, REPO_ROOT, run_bundle
 
 from ctfm_common import validate
@@ -450,6 +459,16 @@ def settings_cases(corpus, tmp_path) -> dict[str, list[dict]]:
         "datalist_empty": {"training": [], "validation": [], "testing": []},
         "item_without_label": {"training": [{"image": str(paths["good"])}], "validation": [{"image": str(paths["good"])}]},
     }
+    # label maps off their image's grid: another shape, and the right shape shifted 30 mm
+    nib.save(nib.Nifti1Image(label[:, :, :12], np.diag([3.0, 3.0, 4.0, 1.0])), root / "other_grid.nii.gz")
+    shifted = np.diag([3.0, 3.0, 3.0, 1.0])
+    shifted[0, 3] = 30.0
+    nib.save(nib.Nifti1Image(label, shifted), root / "shifted.nii.gz")
+    for case, name in (("label_other_grid", "other_grid"), ("label_shifted_30mm", "shifted")):
+        bad = {"image": str(paths["good"]), "label": str(root / f"{name}.nii.gz")}
+        files[case] = {"training": [seg_item, bad], "validation": [bad]}
+    # an evaluation goes on past a bad pair and scores the rest
+    files["evaluate_past_bad_pairs"] = {"validation": [files["label_shifted_30mm"]["training"][1], seg_item]}
     for name, content in files.items():
         (root / f"{name}.json").write_text(content if isinstance(content, str) else json.dumps(content))
     (root / "a_file").write_text("not a folder")
@@ -463,11 +482,15 @@ def settings_cases(corpus, tmp_path) -> dict[str, list[dict]]:
     by_bundle: dict[str, list[dict]] = {}
     for runner, (bundle, configs, run_id, data_id, labelled) in RUNNERS.items():
         good = root / ("good_seg.json" if bundle == "ctfm_wholebody_seg" else "good_triage.json")
-        for case in SETTINGS_EXPECTED:
+        for case in [*SETTINGS_EXPECTED, "evaluate_past_bad_pairs"]:
             if case == "item_without_label" and not labelled:
                 continue
+            if case in LABEL_MAP_CASES and runner not in ("seg_train", "seg_evaluate"):
+                continue
+            if case == "evaluate_past_bad_pairs" and runner != "seg_evaluate":
+                continue
             out = root / "runs" / runner / case
-            data = root / f"{case}.json" if case.startswith(("datalist", "item")) else good
+            data = root / f"{case}.json" if case.startswith(("datalist", "item", "label", "evaluate")) else good
             overrides = {**tiny[bundle], data_id: str(data), "output_dir": str(out / "out")}
             overrides = {k: v for k, v in overrides.items() if not (bundle == "ctfm_retrieval" and k == "save_preview")}
             if data_id == "datalist":
@@ -479,11 +502,14 @@ def settings_cases(corpus, tmp_path) -> dict[str, list[dict]]:
             if case == "device_cuda_without_cuda":
                 overrides["device"] = "cuda"
             files_named = {
-                "output_dir_is_a_file": str(root / "a_file"),
-                "device_cuda_without_cuda": "--device cpu",
-            }.get(case, str(data))
+                "output_dir_is_a_file": [str(root / "a_file")],
+                "device_cuda_without_cuda": ["--device cpu"],
+                "label_other_grid": [str(root / "other_grid.nii.gz"), str(paths["good"])],
+                "label_shifted_30mm": [str(root / "shifted.nii.gz"), str(paths["good"]), "30 mm"],
+            }.get(case, [str(data)])
             by_bundle.setdefault(bundle, []).append({
                 "name": case, "runner": runner, "run_id": run_id, "named": files_named, "overrides": overrides,
+                "output_dir": overrides["output_dir"],
                 "config_files": [str(BUNDLES_DIR / bundle / "configs" / c) for c in configs],
             })
     return by_bundle
@@ -509,8 +535,16 @@ def test_bad_settings_end_in_one_line_naming_the_file_in_every_runner(corpus, tr
     problems = []
     for result, named in results:
         line = result["line"] or ""
-        if result["traceback"] or SETTINGS_EXPECTED[result["name"]] not in line or named not in line or "\n" in line:
+        if result["name"] == "evaluate_past_bad_pairs":  # scored the good pair, named the bad one
+            out = Path(result["output_dir"])
+            assert result["ok"] and json.loads((out / "metrics.json").read_text())["num_cases"] == 1, result
+            assert any(m.startswith("skipped: ") and "shifted.nii.gz" in m for m in result["log"]), result["log"]
+            continue
+        if (result["traceback"] or SETTINGS_EXPECTED[result["name"]] not in line
+                or any(n not in line for n in named) or "\n" in line):
             tail = " | ".join((result["traceback"] or "").strip().splitlines()[-4:])
             problems.append(f"{result['runner']} / {result['name']}: {line or tail or 'ran without an error'}")
     assert not problems, "\n".join(problems)
-    assert len(results) == 36  # 5 cases x 8 runners, less the 4 runners that read no labels
+    # 5 cases x 8 runners, less the 4 runners that read no labels; 2 label-map cases x the 2 segmentation
+    # runners; an evaluation past bad pairs
+    assert len(results) == 5 * 8 - 4 + 2 * 2 + 1
