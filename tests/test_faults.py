@@ -373,3 +373,37 @@ def test_every_train_config_runs_the_same_resume_rule_first(bundle, last, best, 
         sys.path[:] = saved
         for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
             del sys.modules[name]
+
+
+def test_disk_full_while_saving_a_checkpoint_says_so_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    """torch's zip writer reports a full disk as "unexpected pos ..."; every train config's saver says what it is."""
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    from ignite.engine import Engine
+
+    from ctfm_common.checkpoint import AtomicCheckpointSaver
+
+    model = torch.nn.Linear(4, 2)
+    engine = Engine(lambda engine, batch: None)
+    AtomicCheckpointSaver(
+        save_dir=str(tmp_path), save_dict={"model": model}, save_interval=1, epoch_level=True, last_filename="last.pt"
+    ).attach(engine)
+    engine.run([0], max_epochs=1)
+    before = (tmp_path / "last.pt").read_bytes()
+
+    def full_disk_save(obj, f, *args, **kwargs):
+        f.write(b"\x00" * 100)
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 16008960 vs 16008854")
+
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 * 2**30, 10 * 2**30 - 2**20, 2**20))
+    with pytest.raises(OSError) as error:
+        engine.run([0], max_epochs=2)
+    cause = error.value if isinstance(error.value, OSError) and error.value.errno else error.value.__cause__
+    assert cause.errno == errno.ENOSPC
+    line = runtime.user_error_line(error.value)
+    assert line.startswith(f"{tmp_path / 'last.pt'}: No space left on device while writing this checkpoint (1 MiB free)")
+    assert (tmp_path / "last.pt").read_bytes() == before and os.listdir(tmp_path) == ["last.pt"]
