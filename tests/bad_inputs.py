@@ -93,6 +93,7 @@ def write_ct_series(
     modality: str = "CT",
     study_uid: str | None = None,
     frames: int = 1,
+    sop_class: str | None = None,
 ) -> list[Path]:
     """A synthetic single-frame DICOM series, one file per slice position (mm), pixels in HU."""
     import pydicom
@@ -104,7 +105,7 @@ def write_ct_series(
     study_uid = study_uid or generate_uid()
     frame_uid = generate_uid()
     volume = body_volume(shape=(size, size, max(len(positions), 16)))
-    sop_class = "1.2.840.10008.5.1.4.1.1.2" if modality == "CT" else "1.2.840.10008.5.1.4.1.1.66.4"
+    sop_class = sop_class or ("1.2.840.10008.5.1.4.1.1.2" if modality == "CT" else "1.2.840.10008.5.1.4.1.1.66.4")
     paths = []
     for i, z in enumerate(positions):
         meta = FileMetaDataset()

@@ -335,6 +335,7 @@ def read_dicom_headers(folder: str | os.PathLike) -> tuple[list[dict[str, Any]],
                 "columns": int(ds.get("Columns", 0) or 0),
                 "frames": int(ds.get("NumberOfFrames", 1) or 1),
                 "image_type": tuple(str(v).upper() for v in (ds.get("ImageType") or ())),
+                "sop_class": str(ds.get("SOPClassUID", "") or ""),
                 "slice_thickness": None if thickness in (None, "") else float(thickness),
                 "gantry_tilt": None if tilt in (None, "") else float(tilt),
                 **_pixel_bytes(ds, path, pixel_start),
@@ -452,6 +453,39 @@ def series_problem(
     return "", ordered
 
 
+#: SOP classes of CT image slices (CT Image Storage; Legacy Converted Enhanced CT). Other objects
+#: that carry pixels and Modality CT (secondary captures: screenshots, dose reports) are no scan.
+CT_IMAGE_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image Storage",
+}
+
+
+def modality_problem(headers: Sequence[dict[str, Any]], modality: str = "CT") -> str:
+    """Why a folder's image headers are not ``modality`` image slices ("" when they are): another Modality (MR,
+    SEG, ...) or, for CT, a SOP class that is no CT image (a secondary capture with Modality CT)."""
+    modalities = Counter(h["modality"] for h in headers)
+    if modality and set(modalities) != {modality}:
+        found = ", ".join(f"{m or '(empty)'}: {n} files" for m, n in sorted(modalities.items()))
+        return (f"Modality {found}; expected {modality} images (a segmentation, MR or other object is not a "
+                f"{modality} scan)")
+    if modality == "CT":
+        others = Counter(h.get("sop_class", "") for h in headers if h.get("sop_class", "") not in CT_IMAGE_SOP_CLASSES)
+        others.pop("", None)  # no SOPClassUID: leave it to the other checks
+        if others:
+            uid, count = others.most_common(1)[0]
+            try:
+                from pydicom.uid import UID
+
+                name = UID(uid).name
+            except Exception:
+                name = uid
+            return (f"SOP class {name} ({uid}): {count} file(s) that are no CT image slices (expected "
+                    f"{', '.join(sorted(set(CT_IMAGE_SOP_CLASSES.values())))})")
+    return ""
+
+
 def check_dicom_folder(
     folder: str | os.PathLike, max_voxels: int = MAX_VOXELS, modality: str = "CT"
 ) -> tuple[int, ...]:
@@ -474,14 +508,9 @@ def check_dicom_folder(
                 f"{', '.join(kinds)}; expected a {modality} image series",
             )
         raise InputError(folder, "no readable DICOM image files")
-    modalities = Counter(h["modality"] for h in images)
-    if modality and set(modalities) != {modality}:
-        found = ", ".join(f"{m or '(empty)'}: {n} files" for m, n in sorted(modalities.items()))
-        raise InputError(
-            folder,
-            f"Modality {found}; expected {modality} images (a segmentation, MR or other "
-            f"object is not a {modality} scan)",
-        )
+    problem = modality_problem(images, modality)
+    if problem:
+        raise InputError(folder, problem)
     reason, ordered = series_problem(images)
     if reason:
         raise InputError(folder, reason)
