@@ -362,7 +362,8 @@ def test_every_train_config_runs_the_same_resume_rule_first(bundle, last, best, 
         (tmp_path / "tmpab_cd123").write_bytes(b"partial")
         checkpoint.prepare_run(tmp_path, True, last=last_path, best=str(tmp_path / best) if best else "")
         assert sorted(p.name for p in tmp_path.iterdir()) == [last]
-        with pytest.raises(UsageError, match="--resume true to continue it, or to start fresh, pass another --ckpt_dir"):
+        refusal = "--resume true to continue it, or to start fresh, pass another --ckpt_dir"
+        with pytest.raises(UsageError, match=refusal):
             checkpoint.prepare_run(tmp_path, "false", last=last_path, best=str(tmp_path / best) if best else "")
         if best:  # a best model but nothing to continue from (killed between the two saves): refused too
             (tmp_path / last).rename(tmp_path / best)
@@ -405,5 +406,6 @@ def test_disk_full_while_saving_a_checkpoint_says_so_and_keeps_the_previous_one(
     cause = error.value if isinstance(error.value, OSError) and error.value.errno else error.value.__cause__
     assert cause.errno == errno.ENOSPC
     line = runtime.user_error_line(error.value)
-    assert line.startswith(f"{tmp_path / 'last.pt'}: No space left on device while writing this checkpoint (1 MiB free)")
+    full = f"{tmp_path / 'last.pt'}: No space left on device while writing this checkpoint (1 MiB free)"
+    assert line.startswith(full), line
     assert (tmp_path / "last.pt").read_bytes() == before and os.listdir(tmp_path) == ["last.pt"]

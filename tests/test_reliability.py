@@ -458,10 +458,12 @@ def settings_cases(corpus, tmp_path) -> dict[str, list[dict]]:
     seg_item = {"image": str(paths["good"]), "label": str(root / "good_labels.nii.gz")}
     files = {
         "good_seg": {"training": [seg_item], "validation": [seg_item], "testing": [seg_item]},
-        "good_triage": {s: [{"image": str(paths["good"]), "label": k} for k in (0, 1)] for s in ("training", "validation")},
+        "good_triage": {
+            s: [{"image": str(paths["good"]), "label": k} for k in (0, 1)] for s in ("training", "validation")
+        },
         "datalist_malformed": '{"training": [{"image": "a.nii.gz", "label": 1}',
         "datalist_empty": {"training": [], "validation": [], "testing": []},
-        "item_without_label": {"training": [{"image": str(paths["good"])}], "validation": [{"image": str(paths["good"])}]},
+        "item_without_label": {s: [{"image": str(paths["good"])}] for s in ("training", "validation")},
     }
     # label maps off their image's grid: another shape, and the right shape shifted 30 mm
     nib.save(nib.Nifti1Image(label[:, :, :12], np.diag([3.0, 3.0, 4.0, 1.0])), root / "other_grid.nii.gz")
@@ -477,7 +479,9 @@ def settings_cases(corpus, tmp_path) -> dict[str, list[dict]]:
         (root / f"{name}.json").write_text(content if isinstance(content, str) else json.dumps(content))
     (root / "a_file").write_text("not a folder")
     tiny = {
-        "ctfm_wholebody_seg": {**SEG, "patch_size": [32, 32, 32], "num_workers": 0, "max_epochs": 1, "save_preview": False},
+        "ctfm_wholebody_seg": {
+            **SEG, "patch_size": [32, 32, 32], "num_workers": 0, "max_epochs": 1, "save_preview": False
+        },
         "ctfm_triage": {**TRIAGE, "max_epochs": 1, "batch_size": 2},
         "ctfm_pretrain": {**PRETRAIN, "max_epochs": 1, "cache_dir": str(root / "cache")},
         "ctfm_retrieval": EMBED,

@@ -415,7 +415,8 @@ def test_totalseg_conversion_goes_on_past_a_bad_case_and_names_it(tmp_path, caps
         nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.int16), affine), seg.parent / "ct.nii.gz")
         liver = np.zeros((8, 8, 4), np.uint8)
         liver[:4] = 1
-        nib.save(nib.Nifti1Image(liver, affine if case != "s0003" else np.diag([2.0, 2.0, 6.0, 1.0])), seg / "liver.nii.gz")
+        off_grid = np.diag([2.0, 2.0, 6.0, 1.0])  # s0003's mask is not on its CT's grid
+        nib.save(nib.Nifti1Image(liver, affine if case != "s0003" else off_grid), seg / "liver.nii.gz")
     broken = tmp_path / "ts" / "s0002" / "ct.nii.gz"
     broken.write_bytes(broken.read_bytes()[:40])  # truncated
     path = conv.totalseg_to_datalist(input_dir=str(tmp_path / "ts"), output_dir=str(tmp_path / "out"), num_workers=1)

@@ -171,7 +171,8 @@ def totalseg_to_datalist(
     for error in failed.values():
         print(f"failed: {error}", file=sys.stderr)
     if failed and len(failed) == len(results):
-        raise SystemExit(f"every case of shard {shard_index}/{num_shards} failed; the first: {next(iter(failed.values()))}")
+        first = next(iter(failed.values()))
+        raise SystemExit(f"every case of shard {shard_index}/{num_shards} failed; the first: {first}")
     splits = _read_splits(source)
     order = list(cases)
     random.Random(seed).shuffle(order)

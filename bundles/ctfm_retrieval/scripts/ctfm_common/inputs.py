@@ -98,7 +98,9 @@ def resolve_input(
         return _datalist_items(path, dataset_dir, key, sections)
     if path.is_dir():
         if not _is_dicom_folder(path):
-            raise UsageError(f"{path}: folder holds no DICOM files; pass an image file, a DICOM series folder or a glob.")
+            raise UsageError(
+                f"{path}: folder holds no DICOM files; pass an image file, a DICOM series folder or a glob."
+            )
         return [{key: str(path)}]
     if path.is_file():
         return [{key: str(path)}]

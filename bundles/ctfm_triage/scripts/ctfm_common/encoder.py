@@ -284,7 +284,9 @@ def weights_file(source: str | os.PathLike, *, cache_dir: str | None = None) -> 
             if (path / name).is_file():
                 return path / name
         raise EncoderWeightsError(f"{path}: folder holds none of the weight files {', '.join(WEIGHT_FILE_NAMES)}.")
-    raise FileNotFoundError(f"encoder weights not found: '{text}' is neither an existing file or folder nor a hub repo id.")
+    raise FileNotFoundError(
+        f"encoder weights not found: '{text}' is neither an existing file or folder nor a hub repo id."
+    )
 
 
 _DIGESTS: dict[tuple[str, int, int], str] = {}
