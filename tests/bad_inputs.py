@@ -43,7 +43,15 @@ EXPECTED: dict[str, str | None] = {
     "dicom_uneven_spacing": "inconsistent slice spacing",
     "dicom_sr": "no image in this DICOM folder, only 1 non-image object(s): SR",
     "dicom_seg": "Modality SEG: 4 files; expected CT images",
+    "dicom_truncated_pixels": "1 file(s) with truncated pixel data, e.g. ",
+    "affine_nan": "corrupt affine: it holds NaN or infinite values",
+    "affine_shear": "contradict the header's pixdim (3, 3, 3) mm",
+    "spacing_tiny": "implausible voxel spacing (3e-06, 3e-06, 3e-06) mm: the accepted range is 0.01 to 50 mm",
+    "spacing_zero": "implausible voxel spacing (3, 3, 0) mm: the accepted range is 0.01 to 50 mm",
+    "spacing_huge": "implausible voxel spacing (1e+06, 1e+06, 1e+06) mm: the accepted range is 0.01 to 50 mm",
 }
+#: cases added with the second reliability round (each failed silently or obscurely before it)
+ROUND_2 = ("dicom_truncated_pixels", "affine_nan", "affine_shear", "spacing_tiny", "spacing_zero", "spacing_huge")
 
 MR_WARNING = "does not look like a CT in Hounsfield units"
 SHAPE = (40, 40, 16)  # 3 mm body phantom voxels
@@ -85,6 +93,7 @@ def write_ct_series(
     modality: str = "CT",
     study_uid: str | None = None,
     frames: int = 1,
+    sop_class: str | None = None,
 ) -> list[Path]:
     """A synthetic single-frame DICOM series, one file per slice position (mm), pixels in HU."""
     import pydicom
@@ -96,7 +105,7 @@ def write_ct_series(
     study_uid = study_uid or generate_uid()
     frame_uid = generate_uid()
     volume = body_volume(shape=(size, size, max(len(positions), 16)))
-    sop_class = "1.2.840.10008.5.1.4.1.1.2" if modality == "CT" else "1.2.840.10008.5.1.4.1.1.66.4"
+    sop_class = sop_class or ("1.2.840.10008.5.1.4.1.1.2" if modality == "CT" else "1.2.840.10008.5.1.4.1.1.66.4")
     paths = []
     for i, z in enumerate(positions):
         meta = FileMetaDataset()
@@ -188,5 +197,95 @@ def write_corpus(root: Path) -> dict[str, Path]:
     write_sr(paths["dicom_sr"])
     paths["dicom_seg"] = dicom / "dicom_seg"
     write_ct_series(paths["dicom_seg"], [2.0 * i for i in range(4)], modality="SEG")
+    paths["dicom_truncated_pixels"] = dicom / "dicom_truncated_pixels"
+    slices = write_ct_series(paths["dicom_truncated_pixels"], [2.0 * i for i in range(8)])
+    data = slices[4].read_bytes()
+    slices[4].write_bytes(data[: len(data) - 700])  # a partial copy: the slice ends inside its pixel data
+
+    def nifti_affine(name: str, affine: np.ndarray, pixdim=None) -> None:
+        image = nib.Nifti1Image(body_volume(), None)
+        image.header.set_qform(np.diag([3.0, 3.0, 3.0, 1.0]), code=0)
+        image.header["sform_code"] = 1
+        for row, key in enumerate(("srow_x", "srow_y", "srow_z")):
+            image.header[key] = affine[row]
+        image.header["pixdim"][1:4] = pixdim if pixdim is not None else np.linalg.norm(affine[:3, :3], axis=0)
+        nib.save(image, str(nifti(name)))
+
+    nan_affine = _affine()
+    nan_affine[0, 3] = np.nan
+    nifti_affine("affine_nan", nan_affine, pixdim=(3.0, 3.0, 3.0))
+    sheared = _affine()
+    sheared[0, 1] = 2.0  # the second axis leans 34 degrees: its length is 3.6 mm, pixdim says 3
+    nifti_affine("affine_shear", sheared, pixdim=(3.0, 3.0, 3.0))
+    nifti_affine("spacing_tiny", np.diag([3e-6, 3e-6, 3e-6, 1.0]))
+    nifti_affine("spacing_zero", np.diag([3.0, 3.0, 0.0, 1.0]))
+    nifti_affine("spacing_huge", np.diag([1e6, 1e6, 1e6, 1.0]))
     assert set(paths) == set(EXPECTED), sorted(set(EXPECTED) ^ set(paths))
     return paths
+
+
+# ------------------------------------------------------------------------------------------------
+# bad settings: many cases through one bundle's runners in one interpreter
+# ------------------------------------------------------------------------------------------------
+
+#: case -> fragment of the one error line every runner reading that kind of input must end with
+#: (the file or folder at fault is checked separately: it is named on the same line).
+SETTINGS_EXPECTED: dict[str, str] = {
+    "datalist_malformed": "not a valid datalist JSON",
+    "datalist_empty": "list is empty or missing",
+    "item_without_label": "item 0 of '",
+    "output_dir_is_a_file": "a file is in the way where a folder is needed",
+    "device_cuda_without_cuda": "a CUDA device was requested but this machine has none usable",
+    "label_other_grid": "label map is not on the voxel grid of its image",
+    "label_shifted_30mm": "label map is not on the voxel grid of its image",
+}
+#: cases of image/label pairs (label maps: the segmentation runners only)
+LABEL_MAP_CASES = ("label_other_grid", "label_shifted_30mm")
+
+
+def run_cases_in_one_process(bundle_root: str, cases: list[dict]) -> list[dict]:
+    """Run ``monai.bundle.run`` for each case in this interpreter (one bundle: one ``scripts``), and return
+    for each the one line a user would see (``runtime.user_error_line``) or the traceback they would get.
+
+    Each case: ``{"name", "config_files", "run_id", "overrides"}``.
+    """
+    import sys
+    import traceback
+
+    sys.path.insert(0, bundle_root)
+    from monai.bundle import run
+
+    from scripts.ctfm_common import runtime
+
+    import logging
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    results = []
+    for case in cases:
+        result = {"name": case["name"], "runner": case["runner"], "line": None, "traceback": None, "ok": False,
+                  "output_dir": case.get("output_dir")}
+        messages: list[str] = []
+        result["log"] = messages
+        logging.getLogger("ctfm_common.validate").addHandler(Collect(logging.WARNING))
+        try:
+            run(case["run_id"], config_file=case["config_files"], **case["overrides"])
+            result["ok"] = True
+        except SystemExit as e:
+            result["line"] = f"exit {e.code}"
+        except Exception as e:  # what the excepthook would print
+            result["line"] = runtime.user_error_line(e)
+            if result["line"] is None:
+                result["traceback"] = "".join(traceback.format_exception(e))[-3000:]
+        results.append(result)
+    return results
+
+
+if __name__ == "__main__":  # python bad_inputs.py BUNDLE_ROOT CASES_JSON RESULTS_JSON
+    import json
+    import sys
+
+    cases = json.loads(Path(sys.argv[2]).read_text())
+    Path(sys.argv[3]).write_text(json.dumps(run_cases_in_one_process(sys.argv[1], cases), indent=1))

@@ -62,7 +62,7 @@ def test_resolve_input_errors_name_the_problem(tmp_path):
         inputs.resolve_input(bad)
     empty = tmp_path / "empty.json"
     empty.write_text(json.dumps({"training": []}))
-    with pytest.raises(ValueError, match="empty.json: datalist has no items"):
+    with pytest.raises(ValueError, match="empty.json: the .* list is empty or missing"):
         inputs.resolve_input(empty)
     keyless = tmp_path / "keyless.json"
     keyless.write_text(json.dumps({"training": [{"label": 1}]}))

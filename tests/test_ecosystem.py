@@ -32,6 +32,7 @@ import sys
 import threading
 import zipfile
 from functools import partial
+from unittest import mock
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -655,3 +656,35 @@ def test_every_weight_option_takes_a_hub_repo_id(offline_hub, restore_path):
         text = "\n".join(chain)
         assert f"cannot download '{public}' from the Hugging Face hub" in text, (bundle, where, text[-2000:])
         assert "pass the local folder or its model.safetensors" in text
+
+
+def test_an_explicit_hash_must_be_64_hex_and_a_zip_bomb_is_refused(tmp_path):
+    """``--sha256 ""`` and an all-digit hash (parsed as a number) are refused, not taken as "no hash"; a member
+    that expands 1000x, or members adding up past the size cap, are refused before anything is written."""
+    path = _zip(tmp_path / "ctfm_ok_v0.1.0.zip", [("ctfm_ok/configs/metadata.json", b'{"version": "0.1.0"}', False)])
+    for bad in ("", 1234567890 * 10**54, "12ab"):
+        with pytest.raises(SystemExit, match="--sha256: .*64 hexadecimal characters"):
+            pb.extract(str(path), bundle_dir=str(tmp_path / "out"), sha256=bad)
+        with pytest.raises(SystemExit, match="--sha256: .*64 hexadecimal characters"):
+            pb.verify(str(path), sha256=bad)
+    assert not (tmp_path / "out").exists()
+    assert pb.verify(str(path), sha256=dl.sha256_of(path).upper())["hash_checked"]
+    # through the command line too: fire turns an all-digit hash into an int
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "tools" / "package_bundles.py"), "extract", str(path), "--sha256", "1" * 64,
+         "--bundle_dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0 and "quote an all-digit hash" in proc.stderr and not (tmp_path / "out").exists()
+
+    bomb = tmp_path / "ctfm_bomb_v0.1.0.zip"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("ctfm_bomb/configs/metadata.json", b'{"version": "0.1.0"}')
+        archive.writestr("ctfm_bomb/models/zeros.bin", b"\x00" * (64 * 2**20))
+    with pytest.raises(dl.UnsafeArchiveError, match=r"member 'ctfm_bomb/models/zeros.bin' expands \d+x .*zip bomb"):
+        pb.verify(str(bomb))
+    with pytest.raises(dl.UnsafeArchiveError, match="zip bomb"):
+        dl.safe_extract(bomb, tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*"))
+    with mock.patch.object(dl, "MAX_UNCOMPRESSED_BYTES", 10):
+        with pytest.raises(dl.UnsafeArchiveError, match="bytes uncompressed, above the limit of 10"):
+            pb.verify(str(path))

@@ -272,3 +272,140 @@ def test_embedding_killed_then_rerun_ends_like_an_uninterrupted_run(embed_data, 
     assert len(rows) == NUM_SCANS
     got, expected = read_embeddings(emb), read_embeddings(reference)
     assert sorted(got) == sorted(expected) and all(torch.equal(got[k], expected[k]) for k in got)
+
+
+# ------------------------------------------------------------------------------------------------
+# rerunning a training run: continue, never silently start over (the same rule in every train config)
+# ------------------------------------------------------------------------------------------------
+
+TRIAGE_TRAIN = {
+    "init_filters": 8,
+    "spacing": [5.0, 4.0, 4.0],
+    "roi_size": [16, 16, 16],
+    "windows": ["stroke"],
+    "num_workers": 0,
+    "batch_size": 4,
+    "num_bootstrap": 10,
+}
+
+
+@pytest.fixture(scope="module")
+def head_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("triage_resume")
+    items: dict[str, list] = {"training": [], "validation": []}
+    for i in range(6):
+        section = "training" if i < 4 else "validation"
+        image, _, affine = phantom.make_head_phantom(
+            shape=(32, 32, 16), spacing=(4.0, 4.0, 5.0), seed=i, lesion=bool(i % 2), noise_hu=2.0
+        )
+        phantom.save_phantom(image, None, affine, image_path=root / f"head_{i}.nii.gz")
+        items[section].append({"image": f"head_{i}.nii.gz", "label": i % 2})
+    (root / "datalist.json").write_text(json.dumps(items))
+    return root
+
+
+def test_triage_rerun_continues_keeps_the_best_model_and_removes_a_killed_save(head_data, tmp_path):
+    models = tmp_path / "models"
+    args = {
+        **TRIAGE_TRAIN,
+        "dataset_dir": str(head_data),
+        "datalist": str(head_data / "datalist.json"),
+        "output_dir": str(tmp_path / "out"),
+        "ckpt_dir": str(models),
+    }
+    run_bundle("ctfm_triage", "train.json", "training", max_epochs=2, **args)
+    best_auc = torch.load(models / "model_last.pt", weights_only=True)["best_saver"]["_saved"][0][0]
+    thresholds = json.loads((models / "thresholds.json").read_text())
+    (models / "tmpk1ll3d00").write_bytes(b"\x00" * 1000)  # what a kill -9 during a save leaves behind
+
+    # the same command with more epochs (as after a kill): continues, and model.pt only gets better
+    rerun = run_bundle("ctfm_triage", "train.json", "training", max_epochs=3, **args)
+    log = rerun.stdout + rerun.stderr
+    assert "Restored all variables from" in log and logged_epochs(log) == [3], log[-3000:]
+    assert not (models / "tmpk1ll3d00").exists()
+    assert visible_files(models) == ["model.pt", "model_last.pt", "thresholds.json"]
+    after = torch.load(models / "model_last.pt", weights_only=True)["best_saver"]["_saved"][0][0]
+    assert after >= best_auc
+    assert json.loads((models / "thresholds.json").read_text())["key_metric"] >= thresholds["key_metric"]
+
+
+@pytest.mark.parametrize(
+    "bundle, last, best",
+    [("ctfm_triage", "model_last.pt", "model.pt"), ("ctfm_wholebody_seg", "last.pt", "model.pt"),
+     ("ctfm_pretrain", "checkpoint_iteration=4.pt", "")],
+)
+def test_every_train_config_runs_the_same_resume_rule_first(bundle, last, best, tmp_path):
+    """Each train config (and its multi-GPU variant) starts with checkpoint.prepare_run on its own files."""
+    from monai.bundle import ConfigParser
+
+    for configs in (["train.json"], ["train.json", "multi_gpu_train.json"]):
+        parser = ConfigParser()
+        parser.read_config([str(BUNDLES_DIR / bundle / "configs" / c) for c in configs])
+        parser.update({"ckpt_dir": str(tmp_path)})
+        assert parser["resume"] is True, "a rerun continues by default"
+        for run_id in ("training", "run"):
+            steps = parser[run_id] if isinstance(parser[run_id], list) else parser[run_id.replace("run", "training")]
+            first = next(s for s in steps if "prepare_run" in s or "set_determinism" in s)
+            assert "scripts.checkpoint.prepare_run(@ckpt_dir, @resume" in first, (configs, run_id, steps)
+            if best:
+                assert "best=@ckpt" in first and parser.get_parsed_content("ckpt").endswith(best)
+    # and the rule itself
+    saved = list(sys.path)
+    sys.path.insert(0, str(BUNDLES_DIR / bundle))
+    try:
+        from scripts.ctfm_common import checkpoint
+        from scripts.ctfm_common.runtime import UsageError
+
+        last_path = str(tmp_path / last) if bundle != "ctfm_pretrain" else ""
+        checkpoint.prepare_run(tmp_path, True, last=last_path, best=str(tmp_path / best) if best else "")
+        (tmp_path / last).write_bytes(b"x")
+        (tmp_path / "tmpab_cd123").write_bytes(b"partial")
+        checkpoint.prepare_run(tmp_path, True, last=last_path, best=str(tmp_path / best) if best else "")
+        assert sorted(p.name for p in tmp_path.iterdir()) == [last]
+        refusal = "--resume true to continue it, or to start fresh, pass another --ckpt_dir"
+        with pytest.raises(UsageError, match=refusal):
+            checkpoint.prepare_run(tmp_path, "false", last=last_path, best=str(tmp_path / best) if best else "")
+        if best:  # a best model but nothing to continue from (killed between the two saves): refused too
+            (tmp_path / last).rename(tmp_path / best)
+            with pytest.raises(UsageError, match=f"holds {best} of an earlier run but no {last} to continue from"):
+                checkpoint.prepare_run(tmp_path, True, last=last_path, best=str(tmp_path / best))
+            assert (tmp_path / best).read_bytes() == b"x"
+    finally:
+        sys.path[:] = saved
+        for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+            del sys.modules[name]
+
+
+def test_disk_full_while_saving_a_checkpoint_says_so_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    """torch's zip writer reports a full disk as "unexpected pos ..."; every train config's saver says what it is."""
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    from ignite.engine import Engine
+
+    from ctfm_common.checkpoint import AtomicCheckpointSaver
+
+    model = torch.nn.Linear(4, 2)
+    engine = Engine(lambda engine, batch: None)
+    AtomicCheckpointSaver(
+        save_dir=str(tmp_path), save_dict={"model": model}, save_interval=1, epoch_level=True, last_filename="last.pt"
+    ).attach(engine)
+    engine.run([0], max_epochs=1)
+    before = (tmp_path / "last.pt").read_bytes()
+
+    def full_disk_save(obj, f, *args, **kwargs):
+        f.write(b"\x00" * 100)
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 16008960 vs 16008854")
+
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 * 2**30, 10 * 2**30 - 2**20, 2**20))
+    with pytest.raises(OSError) as error:
+        engine.run([0], max_epochs=2)
+    cause = error.value if isinstance(error.value, OSError) and error.value.errno else error.value.__cause__
+    assert cause.errno == errno.ENOSPC
+    line = runtime.user_error_line(error.value)
+    full = f"{tmp_path / 'last.pt'}: No space left on device while writing this checkpoint (1 MiB free)"
+    assert line.startswith(full), line
+    assert (tmp_path / "last.pt").read_bytes() == before and os.listdir(tmp_path) == ["last.pt"]

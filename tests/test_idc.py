@@ -395,3 +395,22 @@ def test_geometry_sorts_slices_along_the_normal_and_ctfm_filters_can_be_off():
     assert reason == "" and [h["path"] for h in ordered] == [f"{i}.dcm" for i in range(10)]
     thin = _headers(**{f"h{i}": {"slice_thickness": 0.5} for i in range(10)})
     assert idc.check_series_geometry(thin, ctfm_filters=False)[0] == ""
+
+
+def test_convert_refuses_other_modalities_and_non_image_objects(tmp_path):
+    """Only CT image slices enter the corpus: an MR series and a secondary capture filed as CT are rejected."""
+    from bad_inputs import write_ct_series
+
+    inputs = tmp_path / "dicom"
+    positions = [2.0 * i for i in range(6)]
+    write_ct_series(inputs / "ct", positions)
+    write_ct_series(inputs / "mr", positions, modality="MR", sop_class="1.2.840.10008.5.1.4.1.1.4")
+    write_ct_series(inputs / "screenshot", positions, sop_class="1.2.840.10008.5.1.4.1.1.7")  # Modality CT
+    out = tmp_path / "nifti"
+    summary = idc.convert(input_dir=str(inputs), output_dir=str(out), num_workers=1, progress=False)
+    assert (summary["converted"], summary["rejected"], summary["failed"]) == (1, 2, 0)
+    assert json.loads((out / "datalist.json").read_text()) == {"training": [{"image": "images/ct.nii.gz"}]}
+    rejected = pd.read_csv(out / "rejected.csv").set_index("folder")["reason"].to_dict()
+    assert rejected["mr"].startswith("Modality MR: 6 files; expected CT images")
+    assert rejected["screenshot"].startswith("SOP class Secondary Capture Image Storage (1.2.840.10008.5.1.4.1.1.7)")
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["ct.nii.gz"]

@@ -28,12 +28,21 @@ import logging
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bad_inputs import EXPECTED, MR_WARNING, body_volume, write_corpus
+from bad_inputs import (
+    EXPECTED,
+    LABEL_MAP_CASES,
+    MR_WARNING,
+    ROUND_2,
+    SETTINGS_EXPECTED,
+    body_volume,
+    write_corpus,
+)
 from conftest import BUNDLES_DIR, REPO_ROOT, run_bundle
 
 from ctfm_common import validate
@@ -114,6 +123,11 @@ def test_loaded_volume_checks_and_the_mr_warning(caplog):
     nan[0, 1, 2, 3] = float("nan")
     with pytest.raises(validate.InputError, match="ct.nii: 1 of .* voxels are NaN or infinite"):
         validate.check_volume(nan)
+    # the affine rule holds for every format once loaded (a DICOM series or an NRRD has no NIfTI header)
+    squashed = good.clone()
+    squashed.affine = torch.diag(torch.tensor([0.7, 0.7, 1e-4, 1.0], dtype=torch.float64))
+    with pytest.raises(validate.InputError, match=r"ct.nii: implausible voxel spacing \(0.7, 0.7, 0.0001\) mm"):
+        validate.check_volume(squashed)
     with pytest.raises(validate.InputError, match="3 channels"):
         validate.check_volume(torch.zeros(3, 8, 8, 8), "four_d.nii")
     with caplog.at_level(logging.WARNING, logger="ctfm_common.validate"):
@@ -207,6 +221,7 @@ TRIAGE_CASES = [
     "missing_file",
     "dicom_missing_slice",
     "dicom_sr",
+    *ROUND_2,
 ]
 
 
@@ -239,7 +254,7 @@ def test_triage_inference_reports_bad_scans_and_an_all_bad_run_keeps_old_predict
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-EMBED_CASES = ["good", "tiny", "truncated", "image_2d", "nan", "huge_header", "dicom_two_series", "dicom_seg"]
+EMBED_CASES = ["good", "tiny", "truncated", "image_2d", "nan", "huge_header", "dicom_two_series", "dicom_seg", *ROUND_2]
 
 
 def test_retrieval_embed_skips_bad_scans_with_an_error_table(corpus, tmp_path):
@@ -277,6 +292,7 @@ def test_pretrain_cache_skips_bad_scans_and_remembers_why(corpus, tmp_path):
         "missing_file",
         "mr_like",
         "dicom_uneven_spacing",
+        *ROUND_2,
     ]
     items = datalist(tmp_path / "pretrain.json", [paths[c] for c in cases], section="training")
     cache = tmp_path / "cache"
@@ -299,7 +315,7 @@ def test_pretrain_cache_skips_bad_scans_and_remembers_why(corpus, tmp_path):
     for case, message in markers.items():
         check_message(case, message, paths)
         assert message in log
-    assert "'cached': 2" in log and "'skipped': 8" in log
+    assert "'cached': 2" in log and f"'skipped': {len(cases) - 2}" in log
 
 
 # ------------------------------------------------------------------------------------------------
@@ -339,6 +355,10 @@ def test_seg_training_refuses_labels_outside_the_label_map(tmp_path):
         f"map 0..117"
     ) in proc.stdout + proc.stderr
     assert not list(models.glob("*.pt"))
+    # the run ends with that line, not a traceback (the bundles' error hook; CTFM_TRACEBACK=1 shows it)
+    assert "Traceback" not in proc.stderr and proc.stderr.rstrip().splitlines()[-1].startswith(
+        f"error: {tmp_path / 'ct_labels.nii.gz'}: label values 200"
+    ), proc.stderr[-3000:]
 
 
 def test_triage_csv_with_bad_rows_exits_nonzero_naming_lines_and_keeps_the_old_datalist(tmp_path):
@@ -410,3 +430,129 @@ def test_every_weight_load_uses_weights_only_or_safetensors():
     from monai.handlers import CheckpointLoader
 
     assert "weights_only=True" in inspect.getsource(CheckpointLoader.__call__)
+
+
+# ------------------------------------------------------------------------------------------------
+# bad settings through every runner: one line naming the file, no traceback
+# ------------------------------------------------------------------------------------------------
+
+#: runner -> (bundle, config files, run id, what names its data: datalist or input, needs labels)
+RUNNERS = {
+    "seg_train": ("ctfm_wholebody_seg", ["train.json"], "training", "datalist", True),
+    "seg_evaluate": ("ctfm_wholebody_seg", ["train.json", "evaluate.json"], "run", "datalist", True),
+    "seg_inference": ("ctfm_wholebody_seg", ["inference.json"], "run", "input", False),
+    "triage_train": ("ctfm_triage", ["train.json"], "training", "datalist", True),
+    "triage_evaluate": ("ctfm_triage", ["train.json", "evaluate.json"], "run", "datalist", True),
+    "triage_inference": ("ctfm_triage", ["inference.json"], "run", "input", False),
+    "pretrain_train": ("ctfm_pretrain", ["train.json"], "training", "datalist", False),
+    "retrieval_embed": ("ctfm_retrieval", ["embed.json"], "run", "input", False),
+}
+
+
+def settings_cases(corpus, tmp_path) -> dict[str, list[dict]]:
+    """Every case of SETTINGS_EXPECTED for every runner that reads that kind of input, grouped by bundle."""
+    paths, root = corpus["paths"], tmp_path
+    label = np.zeros((40, 40, 16), np.uint8)
+    label[10:30, 10:30, 4:12] = 5
+    nib.save(nib.Nifti1Image(label, np.diag([3.0, 3.0, 3.0, 1.0])), root / "good_labels.nii.gz")
+    seg_item = {"image": str(paths["good"]), "label": str(root / "good_labels.nii.gz")}
+    files = {
+        "good_seg": {"training": [seg_item], "validation": [seg_item], "testing": [seg_item]},
+        "good_triage": {
+            s: [{"image": str(paths["good"]), "label": k} for k in (0, 1)] for s in ("training", "validation")
+        },
+        "datalist_malformed": '{"training": [{"image": "a.nii.gz", "label": 1}',
+        "datalist_empty": {"training": [], "validation": [], "testing": []},
+        "item_without_label": {s: [{"image": str(paths["good"])}] for s in ("training", "validation")},
+    }
+    # label maps off their image's grid: another shape, and the right shape shifted 30 mm
+    nib.save(nib.Nifti1Image(label[:, :, :12], np.diag([3.0, 3.0, 4.0, 1.0])), root / "other_grid.nii.gz")
+    shifted = np.diag([3.0, 3.0, 3.0, 1.0])
+    shifted[0, 3] = 30.0
+    nib.save(nib.Nifti1Image(label, shifted), root / "shifted.nii.gz")
+    for case, name in (("label_other_grid", "other_grid"), ("label_shifted_30mm", "shifted")):
+        bad = {"image": str(paths["good"]), "label": str(root / f"{name}.nii.gz")}
+        files[case] = {"training": [seg_item, bad], "validation": [bad]}
+    # an evaluation goes on past a bad pair and scores the rest
+    files["evaluate_past_bad_pairs"] = {"validation": [files["label_shifted_30mm"]["training"][1], seg_item]}
+    for name, content in files.items():
+        (root / f"{name}.json").write_text(content if isinstance(content, str) else json.dumps(content))
+    (root / "a_file").write_text("not a folder")
+    tiny = {
+        "ctfm_wholebody_seg": {
+            **SEG, "patch_size": [32, 32, 32], "num_workers": 0, "max_epochs": 1, "save_preview": False
+        },
+        "ctfm_triage": {**TRIAGE, "max_epochs": 1, "batch_size": 2},
+        "ctfm_pretrain": {**PRETRAIN, "max_epochs": 1, "cache_dir": str(root / "cache")},
+        "ctfm_retrieval": EMBED,
+    }
+    ckpts = {"ctfm_wholebody_seg": str(corpus["root"] / "seg.pt"), "ctfm_triage": str(corpus["root"] / "triage.pt")}
+    by_bundle: dict[str, list[dict]] = {}
+    for runner, (bundle, configs, run_id, data_id, labelled) in RUNNERS.items():
+        good = root / ("good_seg.json" if bundle == "ctfm_wholebody_seg" else "good_triage.json")
+        for case in [*SETTINGS_EXPECTED, "evaluate_past_bad_pairs"]:
+            if case == "item_without_label" and not labelled:
+                continue
+            if case in LABEL_MAP_CASES and runner not in ("seg_train", "seg_evaluate"):
+                continue
+            if case == "evaluate_past_bad_pairs" and runner != "seg_evaluate":
+                continue
+            out = root / "runs" / runner / case
+            data = root / f"{case}.json" if case.startswith(("datalist", "item", "label", "evaluate")) else good
+            overrides = {**tiny[bundle], data_id: str(data), "output_dir": str(out / "out")}
+            overrides = {k: v for k, v in overrides.items() if not (bundle == "ctfm_retrieval" and k == "save_preview")}
+            if data_id == "datalist":
+                overrides.update(dataset_dir=str(root), ckpt_dir=str(out / "models"))
+            if run_id == "run" and bundle in ckpts and runner != "seg_train":
+                overrides["ckpt"] = ckpts[bundle]
+            if case == "output_dir_is_a_file":
+                overrides["output_dir"] = str(root / "a_file")
+            if case == "device_cuda_without_cuda":
+                overrides["device"] = "cuda"
+            files_named = {
+                "output_dir_is_a_file": [str(root / "a_file")],
+                "device_cuda_without_cuda": ["--device cpu"],
+                "label_other_grid": [str(root / "other_grid.nii.gz"), str(paths["good"])],
+                "label_shifted_30mm": [str(root / "shifted.nii.gz"), str(paths["good"]), "30 mm"],
+            }.get(case, [str(data)])
+            by_bundle.setdefault(bundle, []).append({
+                "name": case, "runner": runner, "run_id": run_id, "named": files_named, "overrides": overrides,
+                "output_dir": overrides["output_dir"],
+                "config_files": [str(BUNDLES_DIR / bundle / "configs" / c) for c in configs],
+            })
+    return by_bundle
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the device case needs a machine without CUDA")
+def test_bad_settings_end_in_one_line_naming_the_file_in_every_runner(corpus, triage_ckpt, tmp_path):
+    import os
+
+    results = []
+    for bundle, cases in settings_cases(corpus, tmp_path).items():
+        (tmp_path / f"{bundle}.json").write_text(json.dumps(cases))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT / "tools"), str(REPO_ROOT / "tests")]))
+        proc = subprocess.run(
+            [sys.executable, str(REPO_ROOT / "tests" / "bad_inputs.py"), str(BUNDLES_DIR / bundle),
+             str(tmp_path / f"{bundle}.json"), str(tmp_path / f"{bundle}_results.json")],
+            capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        named = {(c["runner"], c["name"]): c["named"] for c in cases}
+        for result in json.loads((tmp_path / f"{bundle}_results.json").read_text()):
+            results.append((result, named[(result["runner"], result["name"])]))
+    problems = []
+    for result, named in results:
+        line = result["line"] or ""
+        if result["name"] == "evaluate_past_bad_pairs":  # scored the good pair, named the bad one
+            out = Path(result["output_dir"])
+            assert result["ok"] and json.loads((out / "metrics.json").read_text())["num_cases"] == 1, result
+            assert any(m.startswith("skipped: ") and "shifted.nii.gz" in m for m in result["log"]), result["log"]
+            continue
+        if (result["traceback"] or SETTINGS_EXPECTED[result["name"]] not in line
+                or any(n not in line for n in named) or "\n" in line):
+            tail = " | ".join((result["traceback"] or "").strip().splitlines()[-4:])
+            problems.append(f"{result['runner']} / {result['name']}: {line or tail or 'ran without an error'}")
+    assert not problems, "\n".join(problems)
+    # 5 cases x 8 runners, less the 4 runners that read no labels; 2 label-map cases x the 2 segmentation
+    # runners; an evaluation past bad pairs
+    assert len(results) == 5 * 8 - 4 + 2 * 2 + 1

@@ -911,3 +911,35 @@ def test_bench_retrieval_tool_measures_the_bundles_index_against_brute_force(tmp
         assert 0 <= low["recall"] <= high["recall"] <= 1 and low["p50_ms"] > 0
     # the clustered set is easier for an IVF index than uniform vectors at the same nprobe
     assert result["results"][0]["search"][0]["recall"] > result["results"][1]["search"][0]["recall"]
+
+
+def test_weights_overwritten_at_the_same_path_make_embeddings_stale(scans, local, tmp_path):
+    """Embeddings are identified by the encoder's content: other weights at the same path re-embed, and an
+    index of the old embeddings refuses the new settings."""
+    ckpt = tmp_path / "encoder.safetensors"
+    shutil.copy(scans["ckpt"], ckpt)
+    items = [{"image": str(scans["root"] / "scans" / "body0.nii.gz")}]
+
+    def embed(network) -> dict:
+        settings = scripts.embedding.embedding_settings(
+            aggregation="min", patch_size=(8, 32, 32), overlap=0.0, spacing=(3.0, 1.0, 1.0), init_filters=8,
+            encoder_ckpt=str(ckpt),
+        )
+        embedder = scripts.embedding.ScanEmbedder(network, patch_size=(8, 32, 32), overlap=0.0, batch_size=8)
+        result = scripts.embedding.embed_dataset(
+            items=items, preprocessing=local["preprocessing"], embedder=embedder, output_dir=str(tmp_path / "out"),
+            settings=settings,
+        )
+        return {"settings": settings, **result}
+
+    first = embed(local["network"])
+    assert first["done"] == ["body0"] and len(first["settings"]["encoder_sha256"]) == 64
+    torch.manual_seed(1)
+    other = scripts.encoder.PooledEncoderHead(init_filters=8)
+    scripts.encoder.save_encoder_weights(other, ckpt)  # the same path, other weights
+    second = embed(scripts.embedding.load_encoder_or_warn(other, str(ckpt)))
+    assert second["done"] == ["body0"] and not second["skipped"], "stale embedding kept"
+    diff = scripts.vector_index.settings_diff(first["settings"], second["settings"])
+    assert list(diff) == ["encoder_sha256"]
+    stored = read(tmp_path / "out" / "embeddings" / "body0.safetensors")[1]
+    assert stored["encoder_sha256"] == second["settings"]["encoder_sha256"]

@@ -270,3 +270,13 @@ def test_csv_with_missing_file_or_bad_label_is_rejected_by_row(tmp_path, triage_
     subset = triage_scripts.datalist.subsample(many, 0.1, seed=1)
     assert len(subset) == 4 and {item["label"][0] for item in subset} == {0, 1}
     assert subset == triage_scripts.datalist.subsample(many, 0.1, seed=1)
+
+
+def test_a_one_class_training_set_is_refused(tmp_path, triage_scripts):
+    """All-negative (or all-positive) training data would train to an undefined AUC: refused, naming the list."""
+    items = [{"image": f"{i}.nii.gz", "label": [0, i % 2]} for i in range(4)]
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": items, "validation": items}))
+    with pytest.raises(triage_scripts.datalist.DatalistError,
+                       match=r"datalist.json: every one of the 4 'training' items has label 0 = 0"):
+        triage_scripts.datalist.load_datalist(tmp_path / "datalist.json", "training", num_labels=2)
+    assert len(triage_scripts.datalist.load_datalist(tmp_path / "datalist.json", "validation", num_labels=2)) == 4

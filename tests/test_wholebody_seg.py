@@ -407,3 +407,27 @@ print("RESULT", json.dumps(same))
     assert [r["shape"] for r in results] == [[40, 36, 24], [122, 101, 30], [512, 512, 20]]
     assert all(r["values"] and r["affine"] and r["contiguous"] for r in results), results
     assert results[1]["dtype"] == "torch.int16"  # the stored dtype: converted to float32 on the device
+
+
+def test_totalseg_conversion_goes_on_past_a_bad_case_and_names_it(tmp_path, capsys):
+    import totalseg_to_datalist as conv
+
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    for case in ("s0001", "s0002", "s0003"):
+        seg = tmp_path / "ts" / case / "segmentations"
+        seg.mkdir(parents=True)
+        nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.int16), affine), seg.parent / "ct.nii.gz")
+        liver = np.zeros((8, 8, 4), np.uint8)
+        liver[:4] = 1
+        off_grid = np.diag([2.0, 2.0, 6.0, 1.0])  # s0003's mask is not on its CT's grid
+        nib.save(nib.Nifti1Image(liver, affine if case != "s0003" else off_grid), seg / "liver.nii.gz")
+    broken = tmp_path / "ts" / "s0002" / "ct.nii.gz"
+    broken.write_bytes(broken.read_bytes()[:40])  # truncated
+    path = conv.totalseg_to_datalist(input_dir=str(tmp_path / "ts"), output_dir=str(tmp_path / "out"), num_workers=1)
+    datalist = json.loads(open(path).read())
+    cases = [item["label"] for s in ("training", "validation", "testing") for item in datalist[s]]
+    assert cases == ["labelsTr/s0001.nii.gz"]
+    err = capsys.readouterr().err
+    assert f"failed: {broken}:" in err
+    assert f"failed: {tmp_path / 'ts' / 's0003' / 'ct.nii.gz'}: ValueError: " in err and "not on the grid" in err
+    assert sorted(p.name for p in (tmp_path / "out" / "labelsTr").iterdir()) == ["s0001.nii.gz"]

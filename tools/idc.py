@@ -72,7 +72,12 @@ from ctfm_common.runtime import (  # noqa: E402, F401  (shared with the bundles:
     resolve_shard,
     shard_items,
 )
-from ctfm_common.validate import GEOMETRY_TOLERANCES, read_dicom_headers, series_problem  # noqa: E402, F401
+from ctfm_common.validate import (  # noqa: E402, F401
+    GEOMETRY_TOLERANCES,
+    modality_problem,
+    read_dicom_headers,
+    series_problem,
+)
 
 # ---------------------------------------------------------------------------------------
 # Registries (data only: the CLI, the documentation and the tests all read these).
@@ -738,7 +743,10 @@ def convert_series(folder: str, image_path: str, *, ctfm_filters: bool = True) -
         ``{"status": "converted" | "rejected", "reason": ..., "series_uid": ..., "shape": ..., "spacing": ...}``.
     """
     headers = read_headers(folder)
-    reason, ordered = check_series_geometry(headers, ctfm_filters=ctfm_filters)
+    # the corpus is CT image slices only: an MR series, a SEG or a secondary capture is refused first
+    reason = modality_problem(headers, "CT") if headers else ""
+    if not reason:
+        reason, ordered = check_series_geometry(headers, ctfm_filters=ctfm_filters)
     if reason:
         return {"status": "rejected", "reason": reason, "series_uid": headers[0]["series_uid"] if headers else ""}
     import itk

@@ -64,6 +64,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from ctfm_common.download import (  # noqa: E402
     SHA256_PATTERN,
+    check_sha256_text,
     check_zip_members,
     fetch,
     safe_extract,
@@ -520,9 +521,16 @@ def package(
 
 
 def expected_sha256(zip_path: Path, sha256: str | None, model_info: str | None) -> str | None:
-    """The SHA-256 to check ``zip_path`` against: given directly, or the zip's ``model_info.json`` entry."""
-    if sha256:
-        return sha256
+    """The SHA-256 to check ``zip_path`` against: given directly, or the zip's ``model_info.json`` entry.
+
+    A hash given explicitly must be 64 hexadecimal characters: an empty string or a number (an
+    all-digit hash parsed by the command line) is refused, never taken as "no hash".
+    """
+    if sha256 is not None:
+        try:
+            return check_sha256_text(sha256)
+        except ValueError as e:
+            raise SystemExit(f"--sha256: {e}") from None
     if model_info:
         info = json.loads(Path(model_info).read_text())
         key = zip_path.name.removesuffix(".zip")

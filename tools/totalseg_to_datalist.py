@@ -49,6 +49,7 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 from ctfm_common.runtime import atomic_write, atomic_write_text, resolve_shard, shard_items  # noqa: E402
+from ctfm_common.validate import check_image_file, describe_failure  # noqa: E402
 DEFAULT_LABELS = REPO_ROOT / "bundles" / "ctfm_wholebody_seg" / "configs" / "metadata.json"
 SPLITS = {"train": "training", "val": "validation", "test": "testing"}
 
@@ -101,6 +102,16 @@ def convert_case(case_dir: str | os.PathLike, label_path: str | os.PathLike, nam
     return {"case": case_dir.name, "structures": found, "skipped": False}
 
 
+def convert_or_report(case_dir: Path, label_path: Path, names: dict[int, str]) -> dict:
+    """:func:`convert_case` after the header checks of its CT; a bad case gives ``{"case", "error"}`` (one line
+    naming the file and the problem) instead of stopping the whole dataset."""
+    try:
+        check_image_file(case_dir / "ct.nii.gz")
+        return convert_case(case_dir, label_path, names)
+    except Exception as error:  # one bad case must not stop the others
+        return {"case": case_dir.name, "error": describe_failure(case_dir / "ct.nii.gz", error), "skipped": False}
+
+
 def _read_splits(input_dir: Path) -> dict[str, str]:
     meta = input_dir / "meta.csv"
     if not meta.is_file():
@@ -146,15 +157,22 @@ def totalseg_to_datalist(
     shard_index, num_shards = resolve_shard(shard_index, num_shards)
     mine = shard_items(cases, shard_index, num_shards)
     with ProcessPoolExecutor(max_workers=num_workers or os.cpu_count()) as pool:
-        futures = [pool.submit(convert_case, c, target / "labelsTr" / f"{c.name}.nii.gz", names) for c in mine]
+        futures = [pool.submit(convert_or_report, c, target / "labelsTr" / f"{c.name}.nii.gz", names) for c in mine]
         try:
             from tqdm import tqdm
 
             results = [f.result() for f in tqdm(futures, desc=f"shard {shard_index}/{num_shards}", unit="case")]
         except ImportError:
             results = [f.result() for f in futures]
-    done = sum(not r["skipped"] for r in results)
-    print(f"converted {done} cases, skipped {len(results) - done} already converted (shard {shard_index}/{num_shards})")
+    failed = {r["case"]: r["error"] for r in results if "error" in r}
+    done = sum(not r["skipped"] for r in results) - len(failed)
+    print(f"converted {done} cases, skipped {len(results) - done - len(failed)} already converted, {len(failed)} "
+          f"failed (shard {shard_index}/{num_shards})")
+    for error in failed.values():
+        print(f"failed: {error}", file=sys.stderr)
+    if failed and len(failed) == len(results):
+        first = next(iter(failed.values()))
+        raise SystemExit(f"every case of shard {shard_index}/{num_shards} failed; the first: {first}")
     splits = _read_splits(source)
     order = list(cases)
     random.Random(seed).shuffle(order)
@@ -163,6 +181,8 @@ def totalseg_to_datalist(
     datalist: dict = {"name": "TotalSegmentator", "labels": {str(k): v for k, v in names.items()},
                       "training": [], "validation": [], "testing": []}
     for case in cases:
+        if case.name in failed:  # reported above; the split of the others stays as without it
+            continue
         section = splits.get(case.name) or ("validation" if case.name in random_val else "training")
         datalist[section].append({"image": os.path.relpath(case / "ct.nii.gz", target),
                                   "label": f"labelsTr/{case.name}.nii.gz"})

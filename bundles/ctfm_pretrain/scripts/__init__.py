@@ -22,6 +22,8 @@ import os
 
 from . import ctfm_common  # noqa: F401
 from .ctfm_common import checkpoint, encoder, inputs, runtime, validate  # noqa: F401
+
+runtime.install_error_hook()  # a refused input or setting ends in one line, not a traceback
 from . import data, handlers, losses, views  # noqa: F401,E402
 
 # The folder holding configs/ and scripts/: configs derive every path from it, so a bundle

@@ -38,6 +38,7 @@ import torch
 from monai.data.utils import dense_patch_slices
 from torch import nn
 
+from .ctfm_common.encoder import weights_digest
 from .ctfm_common.inputs import IMAGE_SUFFIXES, case_name
 from .ctfm_common.runtime import as_bool, atomic_write, atomic_write_text, shard_items
 from .ctfm_common.validate import describe_failure
@@ -266,6 +267,8 @@ def embedding_settings(
         "hu_range": json.dumps([float(h) for h in hu_range]),
         "init_filters": str(int(init_filters)),
         "encoder_ckpt": str(encoder_ckpt),
+        # the weights' content: the same path overwritten with other weights makes earlier embeddings stale
+        "encoder_sha256": weights_digest(encoder_ckpt),
     }
 
 

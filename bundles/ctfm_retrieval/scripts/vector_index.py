@@ -48,6 +48,7 @@ SETTING_KEYS = (
     "hu_range",
     "init_filters",
     "encoder_ckpt",
+    "encoder_sha256",
 )
 
 

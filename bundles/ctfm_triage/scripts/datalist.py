@@ -224,7 +224,7 @@ def load_datalist(
         try:
             content = json.loads(path.read_text())
         except json.JSONDecodeError as e:
-            raise DatalistError(f"{path}: not valid JSON ({e}).") from e
+            raise DatalistError(f"{path}: not a valid datalist JSON ({e}).") from e
     if section not in SECTIONS:
         raise DatalistError(f"unknown datalist section '{section}' (expected one of {', '.join(SECTIONS)}).")
     items = content.get(section) or []
@@ -240,6 +240,15 @@ def load_datalist(
                                 f"{num_labels} value(s) of 0 or 1 (num_labels={num_labels}).")
         image = item["image"] if os.path.isabs(item["image"]) else str(base / item["image"])
         resolved.append({**item, "image": image, "label": [int(v) for v in label]})
+    if section == "training":  # a classifier needs both classes of every label to learn anything
+        labels = np.array([item["label"] for item in resolved])
+        for k in range(num_labels):
+            present = sorted({int(v) for v in labels[:, k]})
+            if len(present) < 2:
+                raise DatalistError(
+                    f"{path}: every one of the {len(resolved)} '{section}' items has label {k} = {present[0]}: a "
+                    f"classifier needs positive and negative cases of each label (its AUC would be undefined)."
+                )
     return resolved
 
 

@@ -130,6 +130,19 @@ class OperatingThresholdHandler:
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
+    def _stored_metric(self) -> float | None:
+        """The key metric of the round whose thresholds ``json_path`` holds (an earlier run's too)."""
+        import json
+        import os
+
+        if not self.json_path or not os.path.isfile(self.json_path):
+            return None
+        try:
+            value = json.loads(open(self.json_path).read()).get("key_metric")
+        except (OSError, ValueError):
+            return None
+        return float(value) if isinstance(value, (int, float)) else None
+
     def __call__(self, engine: Engine) -> None:
         result = self.collector.result()
         y, p = result["labels"], result["probabilities"]
@@ -141,6 +154,10 @@ class OperatingThresholdHandler:
         buffer = unwrap(self.network).threshold
         buffer.copy_(torch.as_tensor(thresholds, dtype=buffer.dtype, device=buffer.device))
         best = getattr(engine.state, "best_metric_epoch", -1) == engine.state.epoch
+        current = engine.state.metrics.get(getattr(engine.state, "key_metric_name", None) or "")
+        stored = self._stored_metric()
+        if best and stored is not None and current is not None and float(current) < stored:
+            best = False  # resumed: the evaluator forgot earlier rounds; the file keeps the best of them
         logger.info(f"operating thresholds ({self.method}) on {len(y)} validation cases: "
                     + ", ".join(f"{n}={t:.4f}" for n, t in zip(self.label_names, thresholds)))
         if best and self.json_path and (not _distributed() or torch.distributed.get_rank() == 0):

@@ -17,6 +17,8 @@ import os
 from . import ctfm_common  # noqa: F401
 from .ctfm_common import checkpoint, encoder, inputs, runtime, validate  # noqa: F401
 
+runtime.install_error_hook()  # a refused input or setting ends in one line, not a traceback
+
 # The folder holding configs/ and scripts/: configs derive every path from it, so a bundle
 # runs from any working directory (``monai.bundle run`` puts this folder on sys.path).
 BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

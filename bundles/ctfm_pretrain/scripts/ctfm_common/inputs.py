@@ -13,11 +13,14 @@
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+
+from .runtime import UsageError
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 DATALIST_SECTIONS = ("testing", "validation", "training")
@@ -46,9 +49,9 @@ def _datalist_items(path: Path, dataset_dir: str | None, key: str, sections: Seq
     try:
         content = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not a valid datalist JSON ({e}).") from e
+        raise UsageError(f"{path}: not a valid datalist JSON ({e}).") from e
     if not isinstance(content, dict):
-        raise ValueError(f"{path}: a datalist is a JSON object with 'training'/'validation'/'testing' lists.")
+        raise UsageError(f"{path}: a datalist is a JSON object with 'training'/'validation'/'testing' lists.")
     base = Path(dataset_dir) if dataset_dir else path.parent
     if sections is None:  # the first non-empty of testing, validation, training
         sections = [next((s for s in DATALIST_SECTIONS if content.get(s)), DATALIST_SECTIONS[0])]
@@ -57,11 +60,11 @@ def _datalist_items(path: Path, dataset_dir: str | None, key: str, sections: Seq
         for i, item in enumerate(content.get(section) or []):
             item = {key: item} if isinstance(item, str) else dict(item)
             if key not in item:
-                raise ValueError(f"{path}: item {i} of '{section}' has no '{key}' entry: {item}")
+                raise UsageError(f"{path}: item {i} of '{section}' has no '{key}' entry: {item}")
             item[key] = str(base / item[key]) if not os.path.isabs(item[key]) else item[key]
             resolved.append(item)
     if not resolved:
-        raise ValueError(f"{path}: datalist has no items in '{', '.join(sections)}'.")
+        raise UsageError(f"{path}: the '{', '.join(sections)}' list is empty or missing.")
     return resolved
 
 
@@ -95,13 +98,17 @@ def resolve_input(
         return _datalist_items(path, dataset_dir, key, sections)
     if path.is_dir():
         if not _is_dicom_folder(path):
-            raise ValueError(f"{path}: folder holds no DICOM files; pass an image file, a DICOM series folder or a glob.")
+            raise UsageError(
+                f"{path}: folder holds no DICOM files; pass an image file, a DICOM series folder or a glob."
+            )
         return [{key: str(path)}]
     if path.is_file():
         return [{key: str(path)}]
     if glob.has_magic(text):
         matches = sorted(glob.glob(os.path.expanduser(text)))
         if not matches:
-            raise FileNotFoundError(f"input pattern '{text}' matches no file.")
+            raise FileNotFoundError(errno.ENOENT, f"input pattern '{text}' matches no file", text)
         return [{key: m} for m in matches]
-    raise FileNotFoundError(f"input '{text}' does not exist (expected a CT file, a DICOM folder, a glob or a datalist).")
+    raise FileNotFoundError(
+        errno.ENOENT, f"input '{text}' does not exist (expected a CT file, a DICOM folder, a glob or a datalist)", text
+    )

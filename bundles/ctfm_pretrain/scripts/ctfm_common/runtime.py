@@ -21,13 +21,93 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 TRUE_WORDS = ("1", "true", "yes", "on")
+#: ``CTFM_TRACEBACK=1`` prints the full traceback of a refused input or setting too.
+TRACEBACK_VARIABLE = "CTFM_TRACEBACK"
+
+
+class UsageError(ValueError):
+    """A setting or file a run cannot use (a datalist, an output folder, a device); the message is one line
+    naming it and what to do."""
+
+
+#: ``OSError`` numbers that are the user's environment, not a bug: one line, no traceback.
+_ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC: "the disk is full: free space or write elsewhere",
+    errno.EDQUOT: "disk quota exceeded: free space or write elsewhere",
+    errno.EROFS: "a read-only file system: pick a writable --output_dir / --ckpt_dir",
+    errno.EACCES: "no permission: pick a writable --output_dir / --ckpt_dir",
+    errno.EPERM: "no permission: pick a writable --output_dir / --ckpt_dir",
+    errno.ENOTDIR: "a file is in the way where a folder is needed",
+    errno.EEXIST: "a file is in the way where a folder is needed",
+    errno.EISDIR: "a folder where a file is needed",
+    errno.ENOENT: "",
+    errno.EIO: "",
+}#: Error types of the bundles whose message is already one line naming the file (a scan, a datalist).
+_ONE_LINE_ERRORS = {"InputError", "DatalistError"}
+_NO_CUDA = ("Torch not compiled with CUDA enabled", "Found no NVIDIA driver", "No CUDA GPUs are available",
+            "CUDA driver initialization failed", "invalid device ordinal")
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def user_error_line(error: BaseException) -> str | None:
+    """One line for an error caused by the input or the environment, ``None`` for anything else (a bug).
+
+    Recognised anywhere in the exception's chain (MONAI and Ignite wrap what a transform or a
+    handler raised): a refused scan (``InputError``) or setting (:class:`UsageError`), an
+    ``OSError`` of the environment (disk full, read-only or missing folder, a file where a folder
+    should be, permissions) with its path, and a CUDA device requested on a machine without one.
+    """
+    chain = _chain(error)
+    for cause in chain:
+        if isinstance(cause, UsageError) or type(cause).__name__ in _ONE_LINE_ERRORS:
+            return str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    for cause in chain:
+        if isinstance(cause, OSError) and cause.errno in _ENVIRONMENT_ERRNOS:
+            where = cause.filename if cause.filename is not None else ""
+            what = cause.strerror or os.strerror(cause.errno)
+            hint = _ENVIRONMENT_ERRNOS[cause.errno]
+            what = f"{what} ({hint})" if hint and hint.split(":")[0] not in what else what
+            return f"{where}: {what}" if where and str(where) not in what else what
+    for cause in chain:
+        text = str(cause)
+        if any(marker in text for marker in _NO_CUDA):
+            reason = text.strip().splitlines()[0].split(". ")[0][:120]
+            return f"a CUDA device was requested but this machine has none usable ({reason}); run with --device cpu"
+    return None
+
+
+def _excepthook(kind, error, tb) -> None:
+    line = user_error_line(error) if isinstance(error, Exception) else None
+    if line is None or as_bool(os.environ.get(TRACEBACK_VARIABLE, "0") or "0"):
+        sys.__excepthook__(kind, error, tb)
+        return
+    sys.stderr.write(f"error: {line}\n")
+    sys.stderr.flush()
+
+
+def install_error_hook() -> None:
+    """Print errors of the input or the environment (:func:`user_error_line`) as one ``error: ...`` line on
+    stderr instead of a traceback (exit status 1 as before); bugs keep their traceback. Bundles install it when
+    ``scripts`` is imported, so every ``monai.bundle run`` gets it; ``CTFM_TRACEBACK=1`` shows tracebacks."""
+    sys.excepthook = _excepthook
+
 FALSE_WORDS = ("0", "false", "no", "off", "", "none")
 
 

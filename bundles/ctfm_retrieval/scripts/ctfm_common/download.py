@@ -39,6 +39,11 @@ from .runtime import atomic_write, temporary_sibling
 
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 CHUNK = 1 << 20
+#: Largest uncompressed size of an archive we extract: a bundle without weights is a few MB.
+MAX_UNCOMPRESSED_BYTES = 2 * 2**30
+#: Largest compression ratio of a member above 1 MiB: text and code compress about 3-10x; a
+#: "zip bomb" compresses zeros 1000x to fill the disk on extraction.
+MAX_COMPRESSION_RATIO = 100
 
 
 class IntegrityError(ValueError):
@@ -55,7 +60,12 @@ def check_sha256_text(sha256: str) -> str:
     Raises:
         ValueError: not 64 hexadecimal characters.
     """
-    text = str(sha256).strip().lower()
+    if not isinstance(sha256, str):  # e.g. an all-digit hash that a command line parsed as a number
+        raise ValueError(
+            f"a SHA-256 must be given as text of 64 hexadecimal characters, got the {type(sha256).__name__} "
+            f"{sha256!r} (quote an all-digit hash: --sha256 \"'<hash>'\")"
+        )
+    text = sha256.strip().lower()
     if not SHA256_PATTERN.match(text):
         raise ValueError(f"not a SHA-256 hex digest (64 hexadecimal characters): '{sha256}'")
     return text
@@ -160,12 +170,23 @@ def check_zip_members(zip_path: str | os.PathLike, *, top: str | None = None) ->
     """
     with zipfile.ZipFile(zip_path) as archive:
         infos = archive.infolist()
+    total = 0
     for info in infos:
         reason = unsafe_member_reason(info)
         if reason is None and top is not None and PurePosixPath(info.filename).parts[:1] != (top,):
             reason = f"is outside the bundle folder '{top}/'"
+        ratio = info.file_size / max(info.compress_size, 1)
+        if reason is None and info.file_size > CHUNK and ratio > MAX_COMPRESSION_RATIO:
+            reason = (f"expands {ratio:.0f}x ({info.compress_size} -> {info.file_size} bytes), above the limit of "
+                      f"{MAX_COMPRESSION_RATIO}x (a zip bomb?)")
         if reason:
             raise UnsafeArchiveError(f"{zip_path}: refused: member '{info.filename}' {reason}; nothing was extracted")
+        total += info.file_size
+    if total > MAX_UNCOMPRESSED_BYTES:
+        raise UnsafeArchiveError(
+            f"{zip_path}: refused: {total} bytes uncompressed, above the limit of {MAX_UNCOMPRESSED_BYTES} "
+            f"(a zip bomb?); nothing was extracted"
+        )
     return [info.filename for info in infos]
 
 

@@ -63,6 +63,12 @@ GEOMETRY_TOLERANCES: dict[str, float] = {
     "tilt_degrees": 0.1,  # max shear of the slice stack (and max GantryDetectorTilt)
 }
 
+#: Accepted voxel spacing per axis (mm): from micro-CT to the thickest clinical slabs. Outside it the
+#: affine is corrupt (a spacing of 3e-6 mm resamples a CT into one voxel, 1e6 mm into nothing).
+SPACING_RANGE_MM = (0.01, 50.0)
+#: Largest relative difference between the affine's axis lengths and the header's pixdim.
+AFFINE_PIXDIM_TOLERANCE = 0.01
+
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _TEXT_HEADER_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -171,6 +177,35 @@ def _spatial_shape(source: str, shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(dims)
 
 
+def check_affine(source: str | os.PathLike, affine: Any, pixdim: Sequence[float] | None = None) -> None:
+    """Refuse an implausible voxel-to-world affine: not finite, singular, a spacing outside
+    :data:`SPACING_RANGE_MM`, or (given the header's ``pixdim``) axis lengths that contradict it.
+
+    Raises:
+        InputError: the file, the values found and the accepted range.
+    """
+    matrix = np.asarray(affine, dtype=np.float64)[:3, :3]
+    if not np.isfinite(np.asarray(affine, dtype=np.float64)).all():
+        raise InputError(source, "corrupt affine: it holds NaN or infinite values (voxel positions are unknown)")
+    spacing = np.linalg.norm(matrix, axis=0)
+    shown = ", ".join(f"{v:.3g}" for v in spacing)
+    low, high = SPACING_RANGE_MM
+    if not ((spacing >= low) & (spacing <= high)).all():
+        raise InputError(
+            source, f"implausible voxel spacing ({shown}) mm: the accepted range is {low:g} to {high:g} mm per axis"
+        )
+    if abs(float(np.linalg.det(matrix))) < 1e-6 * float(np.prod(spacing)):
+        raise InputError(source, f"corrupt affine: its axes are (nearly) parallel, spacing ({shown}) mm")
+    if pixdim is not None:
+        declared = np.abs(np.asarray(pixdim, dtype=np.float64)[:3])
+        if (np.abs(spacing - declared) > AFFINE_PIXDIM_TOLERANCE * np.maximum(declared, 1e-12)).any():
+            raise InputError(
+                source,
+                f"corrupt affine: its axis lengths ({shown}) mm contradict the header's pixdim "
+                f"({', '.join(f'{v:.3g}' for v in declared)}) mm (a sheared or damaged sform)",
+            )
+
+
 def _nifti_shape(path: Path, max_voxels: int) -> tuple[int, ...]:
     import nibabel as nib
 
@@ -181,6 +216,12 @@ def _nifti_shape(path: Path, max_voxels: int) -> tuple[int, ...]:
     header = image.header
     shape = _spatial_shape(str(path), image.shape)
     check_size(path, shape, max_voxels)
+    # the affine MONAI's reader uses: the sform when set, else the qform (whose lengths are pixdim)
+    sform_set = int(header.get("sform_code", 0)) > 0
+    zooms = header.get_zooms()[:3]
+    if not np.isfinite(np.asarray(zooms, dtype=np.float64)).all():
+        raise InputError(path, f"corrupt header: pixdim {tuple(float(z) for z in zooms)} is not finite")
+    check_affine(path, header.get_best_affine(), pixdim=zooms if sform_set else None)
     if path.name.lower().endswith(".nii"):  # uncompressed: the file must hold every voxel
         itemsize = np.dtype(header.get_data_dtype()).itemsize
         expected = int(header.get_data_offset()) + math.prod(image.shape) * itemsize
@@ -270,7 +311,9 @@ def read_dicom_headers(folder: str | os.PathLike) -> tuple[list[dict[str, Any]],
         if not path.is_file() or path.name.upper() == "DICOMDIR" or path.name.startswith("."):
             continue
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            with open(path, "rb") as f:
+                ds = pydicom.dcmread(f, stop_before_pixels=True)
+                pixel_start = f.tell()  # where the pixel data element starts (or the end of the file)
         except (InvalidDicomError, OSError, ValueError, EOFError):
             continue
         modality = str(ds.get("Modality", "") or "")
@@ -292,11 +335,31 @@ def read_dicom_headers(folder: str | os.PathLike) -> tuple[list[dict[str, Any]],
                 "columns": int(ds.get("Columns", 0) or 0),
                 "frames": int(ds.get("NumberOfFrames", 1) or 1),
                 "image_type": tuple(str(v).upper() for v in (ds.get("ImageType") or ())),
+                "sop_class": str(ds.get("SOPClassUID", "") or ""),
                 "slice_thickness": None if thickness in (None, "") else float(thickness),
                 "gantry_tilt": None if tilt in (None, "") else float(tilt),
+                **_pixel_bytes(ds, path, pixel_start),
             }
         )
     return images, others
+
+
+def _pixel_bytes(ds: Any, path: Path, pixel_start: int) -> dict[str, int | None]:
+    """``pixel_bytes`` (in the file after the pixel data element's header) and ``pixel_bytes_needed`` (what
+    Rows x Columns x frames x samples x BitsAllocated declare; ``None`` for compressed pixel data, whose
+    size the header does not give)."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
+    if syntax is not None and getattr(syntax, "is_compressed", False):
+        return {"pixel_bytes": None, "pixel_bytes_needed": None}
+    element_header = 8 if getattr(ds, "is_implicit_VR", False) else 12
+    bits = int(ds.get("BitsAllocated", 16) or 16)
+    count = (int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * int(ds.get("NumberOfFrames", 1) or 1)
+             * int(ds.get("SamplesPerPixel", 1) or 1))
+    return {
+        "pixel_bytes": max(path.stat().st_size - pixel_start - element_header, 0),
+        "pixel_bytes_needed": (count * bits + 7) // 8,
+    }
 
 
 def series_problem(
@@ -320,6 +383,13 @@ def series_problem(
     if len(series) > 1:
         parts = ", ".join(f"{uid or '(empty)'}: {n} files" for uid, n in sorted(series.items()))
         return f"folder mixes {len(series)} series (SeriesInstanceUID {parts}); put one series per folder", []
+    truncated = [h for h in headers if h.get("pixel_bytes_needed") and h["pixel_bytes"] < h["pixel_bytes_needed"]]
+    if truncated:
+        first = truncated[0]
+        return (
+            f"{len(truncated)} file(s) with truncated pixel data, e.g. {first['path']}: {first['pixel_bytes']} of "
+            f"the {first['pixel_bytes_needed']} bytes its header declares (a partial download or copy?)"
+        ), []
     if any(h["frames"] > 1 for h in headers):
         return "multi-frame (enhanced) DICOM is not supported: expected one instance per slice", []
     for key, tag in (("position", "ImagePositionPatient"), ("orientation", "ImageOrientationPatient")):
@@ -383,6 +453,39 @@ def series_problem(
     return "", ordered
 
 
+#: SOP classes of CT image slices (CT Image Storage; Legacy Converted Enhanced CT). Other objects
+#: that carry pixels and Modality CT (secondary captures: screenshots, dose reports) are no scan.
+CT_IMAGE_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image Storage",
+}
+
+
+def modality_problem(headers: Sequence[dict[str, Any]], modality: str = "CT") -> str:
+    """Why a folder's image headers are not ``modality`` image slices ("" when they are): another Modality (MR,
+    SEG, ...) or, for CT, a SOP class that is no CT image (a secondary capture with Modality CT)."""
+    modalities = Counter(h["modality"] for h in headers)
+    if modality and set(modalities) != {modality}:
+        found = ", ".join(f"{m or '(empty)'}: {n} files" for m, n in sorted(modalities.items()))
+        return (f"Modality {found}; expected {modality} images (a segmentation, MR or other object is not a "
+                f"{modality} scan)")
+    if modality == "CT":
+        others = Counter(h.get("sop_class", "") for h in headers if h.get("sop_class", "") not in CT_IMAGE_SOP_CLASSES)
+        others.pop("", None)  # no SOPClassUID: leave it to the other checks
+        if others:
+            uid, count = others.most_common(1)[0]
+            try:
+                from pydicom.uid import UID
+
+                name = UID(uid).name
+            except Exception:
+                name = uid
+            return (f"SOP class {name} ({uid}): {count} file(s) that are no CT image slices (expected "
+                    f"{', '.join(sorted(set(CT_IMAGE_SOP_CLASSES.values())))})")
+    return ""
+
+
 def check_dicom_folder(
     folder: str | os.PathLike, max_voxels: int = MAX_VOXELS, modality: str = "CT"
 ) -> tuple[int, ...]:
@@ -405,14 +508,9 @@ def check_dicom_folder(
                 f"{', '.join(kinds)}; expected a {modality} image series",
             )
         raise InputError(folder, "no readable DICOM image files")
-    modalities = Counter(h["modality"] for h in images)
-    if modality and set(modalities) != {modality}:
-        found = ", ".join(f"{m or '(empty)'}: {n} files" for m, n in sorted(modalities.items()))
-        raise InputError(
-            folder,
-            f"Modality {found}; expected {modality} images (a segmentation, MR or other "
-            f"object is not a {modality} scan)",
-        )
+    problem = modality_problem(images, modality)
+    if problem:
+        raise InputError(folder, problem)
     reason, ordered = series_problem(images)
     if reason:
         raise InputError(folder, reason)
@@ -461,6 +559,9 @@ def check_volume(image: Any, source: str | os.PathLike | None = None, *, channel
             source,
             f"loaded image has {data.shape[0]} channels {tuple(data.shape)}: expected {channels} (one 3-D CT volume)",
         )
+    affine = getattr(image, "affine", None)
+    if affine is not None:
+        check_affine(source, affine.detach().cpu().numpy() if hasattr(affine, "detach") else affine)
     if data.is_floating_point():
         finite = torch.isfinite(data)
         if not bool(finite.all()):
@@ -536,3 +637,135 @@ def run_engine(engine: Any) -> Any:
         else:
             logger.error(f"training stopped: {type(cause).__name__}: {str(cause).strip()[:500]}")
         raise
+
+
+# ---------------------------------------------------------------------------------------------
+# datalists and image/label pairs
+# ---------------------------------------------------------------------------------------------
+
+#: Largest difference between an image's and its label map's affines: the 3 x 3 part, relative to
+#: the spacing, and the origin (mm). Float32 headers round at about 1e-5 relative.
+GRID_TOLERANCE = {"relative_axes": 1e-3, "origin_mm": 0.05}
+
+
+def _nifti_grid(path: str) -> tuple[tuple[int, ...], np.ndarray] | None:
+    if not path.lower().endswith(_NIFTI_SUFFIXES) or not os.path.isfile(path):
+        return None
+    import nibabel as nib
+
+    try:
+        image = nib.load(path)
+    except Exception:  # the header checks name the problem
+        return None
+    return tuple(int(s) for s in image.shape[:3]), np.asarray(image.affine, dtype=np.float64)
+
+
+def check_same_grid(image: str | os.PathLike, label: str | os.PathLike) -> None:
+    """Refuse a label map that is not on its image's voxel grid (shape and affine, from the NIfTI headers).
+
+    A label map on another grid, or shifted, would train or score the network against the wrong
+    voxels without any error. Formats other than NIfTI are left to the loaded-volume checks.
+
+    Raises:
+        InputError: naming the label map, its image and the difference.
+    """
+    image, label = os.fspath(image), os.fspath(label)
+    grids = _nifti_grid(image), _nifti_grid(label)
+    if None in grids:
+        return
+    (image_shape, image_affine), (label_shape, label_affine) = grids
+    where = f"label map is not on the voxel grid of its image {image}"
+    if image_shape != label_shape:
+        raise InputError(label, f"{where}: shape {label_shape} vs the image's {image_shape}")
+    spacing = np.linalg.norm(image_affine[:3, :3], axis=0)
+    axes = float((np.abs(label_affine[:3, :3] - image_affine[:3, :3]) / np.maximum(spacing, 1e-6)).max())
+    origin = float(np.abs(label_affine[:3, 3] - image_affine[:3, 3]).max())
+    if axes > GRID_TOLERANCE["relative_axes"] or origin > GRID_TOLERANCE["origin_mm"]:
+        shown = lambda a: "[" + "; ".join(" ".join(f"{v:.4g}" for v in row) for row in a[:3]) + "]"  # noqa: E731
+        raise InputError(
+            label,
+            f"{where}: the affines differ by up to {max(origin, axes * float(spacing.max())):.3g} mm "
+            f"(label {shown(label_affine)} vs image {shown(image_affine)})",
+        )
+
+
+def load_datalist(
+    datalist: str | os.PathLike,
+    section: str,
+    *,
+    dataset_dir: str | os.PathLike | None = None,
+    keys: Sequence[str] = ("image",),
+    check_files: bool = True,
+    skip_bad: bool = False,
+) -> list[dict[str, Any]]:
+    """The items of one section of a decathlon datalist, checked before any training or evaluation starts.
+
+    Refused, each in one line naming the datalist (and the item): a missing or malformed JSON file,
+    an empty or missing section, an item without one of ``keys``. With ``check_files`` every item's
+    files pass the header checks (:func:`check_input`) and an ``image``/``label`` pair must share
+    its voxel grid (:func:`check_same_grid`).
+
+    Args:
+        datalist: the datalist JSON.
+        section: ``training``, ``validation`` or ``testing``.
+        dataset_dir: folder of relative paths (default: the datalist's folder).
+        keys: entries every item needs; their relative paths are resolved.
+        check_files: run the header and grid checks on every item.
+        skip_bad: log and leave out items whose files fail (a batch evaluation goes on); otherwise
+            the first bad item stops the run (training must not quietly drop data).
+
+    Returns:
+        The items, with absolute paths.
+
+    Raises:
+        UsageError: a datalist problem; InputError: a bad file (``skip_bad`` off, or every item bad).
+    """
+    import json
+
+    from .runtime import UsageError
+
+    path = Path(datalist)
+    if not path.is_file():
+        raise UsageError(f"{path}: datalist not found (expected a decathlon datalist JSON)")
+    try:
+        content = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path}: not a valid datalist JSON ({e})") from None
+    if not isinstance(content, dict):
+        raise UsageError(f"{path}: a datalist is a JSON object with 'training'/'validation'/'testing' lists")
+    entries = content.get(section)
+    if not entries:
+        found = ", ".join(f"'{k}' ({len(v)})" for k, v in content.items() if isinstance(v, list)) or "none"
+        raise UsageError(f"{path}: the '{section}' list is empty or missing (lists found: {found})")
+    if not isinstance(entries, list):
+        raise UsageError(f"{path}: '{section}' must be a list of items")
+    base = Path(dataset_dir) if dataset_dir else path.parent
+    items, failures = [], []
+    for index, entry in enumerate(entries):
+        item = {keys[0]: entry} if isinstance(entry, str) else entry
+        if not isinstance(item, dict) or any(k not in item for k in keys):
+            missing = [k for k in keys if not isinstance(item, dict) or k not in item]
+            raise UsageError(f"{path}: item {index} of '{section}' has no '{', '.join(missing)}' entry: {entry}")
+        item = dict(item)
+        for key in keys:
+            if isinstance(item[key], str) and not os.path.isabs(item[key]):
+                item[key] = str(base / item[key])
+        if check_files:
+            try:
+                for key in keys:
+                    if isinstance(item[key], str):
+                        check_input(item[key])
+                if "image" in keys and "label" in keys:
+                    check_same_grid(item["image"], item["label"])
+            except InputError as e:
+                if not skip_bad:
+                    raise InputError(e.source, f"{e.problem} (item {index} of '{section}' in {path})") from None
+                logger.error(f"skipped: {e}")
+                failures.append(str(e))
+                continue
+        items.append(item)
+    if failures:
+        logger.warning(f"{len(failures)} of {len(entries)} item(s) of '{section}' in {path} skipped (listed above)")
+    if not items:
+        raise UsageError(f"{path}: no usable item in '{section}': {len(failures)} bad, the first: {failures[0]}")
+    return items

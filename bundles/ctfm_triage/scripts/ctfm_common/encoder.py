@@ -350,6 +350,49 @@ def read_state_dict(source: str | os.PathLike, *, cache_dir: str | None = None) 
                           train="pretrain your own with the ctfm_pretrain bundle")
 
 
+def weights_file(source: str | os.PathLike, *, cache_dir: str | None = None) -> Path:
+    """The one file that holds the weights of ``source`` (a file, a hub-format folder, a hub repo id)."""
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path
+    if not path.is_dir() and looks_like_repo_id(text):
+        path = download_from_hub(text, cache_dir=cache_dir)
+    if path.is_dir():
+        for name in WEIGHT_FILE_NAMES:
+            if (path / name).is_file():
+                return path / name
+        raise EncoderWeightsError(f"{path}: folder holds none of the weight files {', '.join(WEIGHT_FILE_NAMES)}.")
+    raise FileNotFoundError(
+        f"encoder weights not found: '{text}' is neither an existing file or folder nor a hub repo id."
+    )
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def weights_digest(source: str | os.PathLike, *, cache_dir: str | None = None) -> str:
+    """SHA-256 of the weights file behind ``source`` (``""`` for an empty source: random init).
+
+    What identifies weights is their content, not their path: a file overwritten with other
+    weights at the same path gets another digest (embeddings made with it are then stale).
+    """
+    if not os.fspath(source):
+        return ""
+    import hashlib
+
+    path = weights_file(source, cache_dir=cache_dir)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(2**22), b""):
+                digest.update(block)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
+
+
 def encoder_of(network: nn.Module) -> tuple[nn.Module, str]:
     """Return the ``SegResEncoder`` inside ``network`` and its key prefix (``""`` or ``"encoder."``)."""
     module = network.module if isinstance(network, nn.parallel.DistributedDataParallel) else network

@@ -23,6 +23,42 @@ from monai.handlers import CheckpointSaver
 logger = logging.getLogger(__name__)
 
 _ITERATION_OR_EPOCH = re.compile(r"(?:iteration|epoch)=(\d+)\.pt$")
+#: Ignite's atomic save writes ``tempfile.NamedTemporaryFile(dir=save_dir)`` (``tmp`` + 8
+#: characters) before renaming it; a run killed mid-save leaves that file behind.
+_IGNITE_TEMPORARY = re.compile(r"^tmp[a-z0-9_]{8}$")
+
+
+#: What torch's zip writer says when a write fails midway (it drops the OS error, e.g. a full disk).
+_TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed", "PytorchStreamWriter failed")
+#: Below this much free space a failed checkpoint write is reported as a full disk.
+LOW_DISK_BYTES = 512 * 2**20
+
+
+def _explain_write_failures(save_func):
+    """Wrap a ``DiskSaver._save_func`` so that torch's "unexpected pos 16008960" becomes an ``OSError`` naming
+    the checkpoint and, when the disk is (nearly) full, saying so ("No space left on device")."""
+
+    def save(checkpoint, path, func):
+        try:
+            return save_func(checkpoint, path, func)
+        except RuntimeError as e:
+            text = str(e)
+            if not any(marker in text for marker in _TORCH_WRITE_FAILURES):
+                raise
+            import errno
+            import shutil
+
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+            first = text.strip().splitlines()[0][:200]
+            if free < LOW_DISK_BYTES:
+                raise OSError(
+                    errno.ENOSPC, f"No space left on device while writing this checkpoint ({free / 2**20:.0f} MiB "
+                    "free); the previous checkpoint is kept", str(path)
+                ) from e
+            raise OSError(errno.EIO, f"writing this checkpoint failed ({first}); the previous one is kept",
+                          str(path)) from e
+
+    return save
 
 
 def _keep_file(filename: str) -> None:
@@ -54,6 +90,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
             if checkpoint is None:
                 continue
             checkpoint.save_handler._atomic = True
+            checkpoint.save_handler._save_func = _explain_write_failures(checkpoint.save_handler._save_func)
             if checkpoint.save_handler.filename is not None:
                 # Ignite deletes the file it replaces before writing the new one; a fixed name is
                 # replaced in place by the atomic write instead, so there is always a checkpoint.
@@ -87,6 +124,55 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint") -
     if best:
         logger.info(f"resuming from {best}")
     return best
+
+
+def prepare_run(ckpt_dir: str | os.PathLike, resume: bool | str, last: str = "", best: str = "") -> None:
+    """The resume rule every train config runs first: a rerun continues, never silently starts over.
+
+    - Temporary files that a killed run left behind in ``ckpt_dir`` (Ignite's atomic saves) are
+      removed (by the main process only: other ranks may already be saving).
+    - ``resume`` off while ``ckpt_dir`` holds checkpoints of an earlier run: refused, since a
+      fresh run would replace them (its first, untrained epoch would become the best model).
+    - ``resume`` on, a best model there but no checkpoint to continue from (a run killed
+      between its first best save and its first last save): refused for the same reason.
+
+    Args:
+        ckpt_dir: where the run writes its checkpoints.
+        resume: the config's ``resume`` flag.
+        last: the checkpoint a rerun continues from (``""``: the newest ``checkpoint_*.pt``).
+        best: the best-so-far model the run replaces only by a better one (``""``: none).
+
+    Raises:
+        UsageError: what is there and how to continue or start fresh, in one line.
+    """
+    from .runtime import UsageError, as_bool
+
+    folder = Path(ckpt_dir)
+    if not folder.is_dir():
+        return
+    if int(os.environ.get("RANK", "0")) == 0:
+        for path in folder.iterdir():
+            if _IGNITE_TEMPORARY.match(path.name) and path.is_file():
+                logger.warning(f"removing {path}: a partial checkpoint left by a run that was stopped while saving")
+                path.unlink(missing_ok=True)
+    continue_from = last if last else latest_checkpoint(folder)
+    earlier = [p for p in (continue_from, best) if p and os.path.isfile(p)]
+    earlier += [str(p) for p in sorted(folder.glob("checkpoint_*.pt")) if str(p) not in earlier]
+    if not earlier:
+        return
+    names = ", ".join(os.path.basename(p) for p in earlier)
+    start_fresh = f"to start fresh, pass another --ckpt_dir or move {names} away"
+    if not as_bool(resume):
+        raise UsageError(
+            f"{folder}: holds checkpoints of an earlier run ({names}) and resume is off, so this run would "
+            f"replace them; rerun with --resume true to continue it, or {start_fresh}"
+        )
+    if not continue_from or not os.path.isfile(continue_from):
+        raise UsageError(
+            f"{folder}: holds {names} of an earlier run but no {os.path.basename(last) or 'checkpoint_*.pt'} "
+            f"to continue from (it stopped before its first full checkpoint), so this run would replace "
+            f"the best model with untrained weights; {start_fresh}"
+        )
 
 
 def training_state(**objects) -> dict:
