@@ -298,3 +298,19 @@ def test_bundle_copied_alone_builds_its_network(bundle, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"ROOT={copy}" in proc.stdout
     assert f"FILE={copy}" in proc.stdout
+
+
+def test_project_carries_what_its_checks_need_and_never_reads_shared():
+    """A fresh clone has nothing beside it: the metadata schema is carried, no tool or bundle reads ../shared."""
+    import package_bundles as pb
+
+    assert META_SCHEMA.is_file() and META_SCHEMA.is_relative_to(REPO_ROOT)
+    assert pb.META_SCHEMA == META_SCHEMA
+    assert "meta_schema" in (META_SCHEMA.parent / "README.md").read_text()  # source URL and licence noted
+    readers = []
+    for path in [*(REPO_ROOT / "tools").glob("*.py"), *(REPO_ROOT / "tools").glob("*.sh"), *BUNDLES_DIR.rglob("*.py"),
+                 *BUNDLES_DIR.rglob("*.json"), *(REPO_ROOT / "ctfm_common").glob("*.py")]:
+        text = path.read_text()
+        if "../shared" in text or '/ "shared"' in text:
+            readers.append(str(path.relative_to(REPO_ROOT)))
+    assert readers == []
