@@ -23,11 +23,13 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 import subprocess
 import sys
 
 import nibabel as nib
 import numpy as np
+from pathlib import Path
 import pytest
 from conftest import BUNDLES_DIR, run_bundle
 
@@ -141,6 +143,7 @@ def test_evaluation_scores_labels_against_themselves_and_a_known_shift(tmp_path)
     code = f"""
 import json
 import numpy as np
+from pathlib import Path
 from scripts import evaluation
 
 label = np.zeros((24, 24, 24), np.uint8)
@@ -384,6 +387,7 @@ def test_threaded_copy_reader_loads_exactly_what_monai_loads(tmp_path, shared_da
     code = f"""
 import json
 import numpy as np
+from pathlib import Path
 from monai.transforms import LoadImage
 from scripts.transforms import ThreadedCopyNibabelReader
 
@@ -403,3 +407,55 @@ print("RESULT", json.dumps(same))
     assert [r["shape"] for r in results] == [[40, 36, 24], [122, 101, 30], [512, 512, 20]]
     assert all(r["values"] and r["affine"] and r["contiguous"] for r in results), results
     assert results[1]["dtype"] == "torch.int16"  # the stored dtype: converted to float32 on the device
+
+
+def test_cases_with_one_file_name_keep_their_own_outputs_metrics_and_earlier_runs(trained, tmp_path):
+    """TotalSegmentator's ``<case>/ct.nii.gz`` layout and same-stem inputs from different folders:
+    every case keeps its own prediction, metrics row and summary record; earlier runs survive."""
+    data = tmp_path / "totalseg"
+    items = (trained["content"]["training"] + trained["content"]["validation"])[:2]
+    for case, item in zip(("s0001", "s0002"), items):
+        (data / case).mkdir(parents=True)
+        shutil.copy(trained["data"] / item["image"], data / case / "ct.nii.gz")
+        shutil.copy(trained["data"] / item["label"], data / case / "labels.nii.gz")
+    datalist = data / "datalist.json"
+    datalist.write_text(json.dumps({"validation": [{"image": f"{c}/ct.nii.gz", "label": f"{c}/labels.nii.gz"}
+                                                   for c in ("s0001", "s0002")]}))
+    out = tmp_path / "eval"
+    run_bundle(BUNDLE, ["train.json", "evaluate.json"], dataset_dir=str(data), datalist=str(datalist),
+               output_dir=str(out), ckpt=str(trained["model"]), **TRAIN)
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["num_cases"] == 2
+    rows = list(csv.DictReader(open(out / "metrics_per_case.csv")))
+    names = sorted({r["case"] for r in rows})
+    assert len(names) == 2 and [n.split("-")[0] for n in names] == ["s0001_ct", "s0002_ct"]
+    case_means = [np.mean([float(r["dice"]) for r in rows if r["case"] == n]) for n in names]
+    assert report["mean_dice"] == pytest.approx(np.mean(case_means), abs=1e-5)  # mean of case means
+    predictions = sorted(p.name for p in (out / "predictions").iterdir())
+    assert predictions == [f"{n}_seg.nii.gz" for n in names]  # one prediction per case, none overwritten
+    for name, case in zip(names, ("s0001", "s0002")):
+        pred = np.asarray(nib.load(out / "predictions" / f"{name}_seg.nii.gz").dataobj).squeeze()
+        label = np.asarray(nib.load(data / case / "labels.nii.gz").dataobj)
+        for row in (r for r in rows if r["case"] == name):
+            p, r = pred == int(row["index"]), label == int(row["index"])
+            assert float(row["dice"]) == pytest.approx(2 * (p & r).sum() / (p.sum() + r.sum()), abs=1e-5)
+
+    # inference: p1/ct/image.nii.gz and p2/ct/image.nii.gz, then a later run with a third scan
+    for case in ("p1", "p2"):
+        (data / case / "ct").mkdir(parents=True)
+        shutil.copy(data / ("s0001" if case == "p1" else "s0002") / "ct.nii.gz", data / case / "ct" / "image.nii.gz")
+    seg_out = tmp_path / "seg"
+    proc = run_bundle(BUNDLE, "inference.json", input=str(data / "p*" / "ct" / "image.nii.gz"),
+                      output_dir=str(seg_out), ckpt=str(trained["model"]), save_preview=False, **INFER)
+    assert "named after their full path" in proc.stdout + proc.stderr
+    summary = json.loads((seg_out / "summary.json").read_text())
+    records = {c["input"]: c for c in summary["cases"]}
+    assert summary["num_ok"] == 2 and len({c["case"] for c in summary["cases"]}) == 2
+    for case in ("p1", "p2"):
+        record = records[str(data / case / "ct" / "image.nii.gz")]
+        _check_label_map(record["outputs"]["label_map"], data / case / "ct" / "image.nii.gz")
+    run_bundle(BUNDLE, "inference.json", input=str(data / "s0001" / "ct.nii.gz"), output_dir=str(seg_out),
+               ckpt=str(trained["model"]), save_preview=False, **INFER)
+    summary = json.loads((seg_out / "summary.json").read_text())
+    assert summary["num_ok"] == 3 and {c["input"] for c in summary["cases"]} == {*records, str(data / "s0001" / "ct.nii.gz")}
+    assert all(Path(c["outputs"]["label_map"]).is_file() for c in summary["cases"])
