@@ -459,3 +459,27 @@ def test_cases_with_one_file_name_keep_their_own_outputs_metrics_and_earlier_run
     summary = json.loads((seg_out / "summary.json").read_text())
     assert summary["num_ok"] == 3 and {c["input"] for c in summary["cases"]} == {*records, str(data / "s0001" / "ct.nii.gz")}
     assert all(Path(c["outputs"]["label_map"]).is_file() for c in summary["cases"])
+
+
+def test_preview_voxel_sizes_follow_the_inverse_orientation_permutation(tmp_path):
+    """An ASR grid (a 3-cycle of axes) with voxels 1 x 2 x 4 mm: the preview's RAS sizes are those of the
+    grid nibabel reorients to RAS, so the views keep their true aspect ratio."""
+    code = """
+import json
+import nibabel as nib
+import numpy as np
+from scripts import segment
+
+affine = np.zeros((4, 4)); affine[3, 3] = 1
+affine[1, 0], affine[2, 1], affine[0, 2] = 1.0, 2.0, 4.0  # axis 0 -> A, axis 1 -> S, axis 2 -> R
+assert "".join(nib.aff2axcodes(affine)) == "ASR"
+shape = (10, 12, 14)
+ornt = nib.orientations.io_orientation(affine)
+reoriented = affine @ nib.orientations.inv_ornt_aff(ornt, shape)
+print("RESULT", json.dumps([segment.ras_voxel_sizes(affine).tolist(), nib.affines.voxel_sizes(reoriented).tolist()]))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=BUNDLES_DIR / BUNDLE, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours, reference = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert ours == pytest.approx(reference) and ours == pytest.approx([4.0, 1.0, 2.0])  # R, A, S

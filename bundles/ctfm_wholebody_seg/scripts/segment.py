@@ -173,6 +173,18 @@ def write_csv(rows: Sequence[Mapping], path: str | os.PathLike, fields: Sequence
     return write_bytes_atomic(buffer.getvalue().encode(), Path(path))
 
 
+def ras_voxel_sizes(affine: np.ndarray) -> np.ndarray:
+    """Voxel sizes (mm) along R, A, S of the grid reoriented to RAS+ (``io_orientation``): RAS axis
+    ``ornt[i, 0]`` is input axis ``i``, so the sizes go through the INVERSE of that permutation
+    (they differ for 3-cycle orientations such as ASR)."""
+    import nibabel as nib
+
+    ornt = nib.orientations.io_orientation(affine)
+    sizes = np.empty(3)
+    sizes[ornt[:, 0].astype(int)] = nib.affines.voxel_sizes(affine)[:3]
+    return sizes
+
+
 def write_preview(
     image_hu: np.ndarray, labels: np.ndarray, affine: np.ndarray, path: str | os.PathLike, title: str = ""
 ) -> Path:
@@ -198,7 +210,7 @@ def write_preview(
     ornt = nib.orientations.io_orientation(affine)  # to RAS+
     ct = nib.orientations.apply_orientation(image_hu, ornt).astype(np.float32)
     lab = nib.orientations.apply_orientation(labels, ornt).astype(np.int32)
-    sizes = nib.affines.voxel_sizes(affine)[ornt[:, 0].astype(int)]
+    sizes = ras_voxel_sizes(affine)
     centre = np.argwhere(lab > 0).mean(0).round().astype(int) if (lab > 0).any() else np.array(lab.shape) // 2
     i, j, k = centre
     views = [  # (CT slice, label slice, aspect = row size / column size)
