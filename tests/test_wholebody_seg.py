@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -142,6 +143,7 @@ def test_evaluation_scores_labels_against_themselves_and_a_known_shift(tmp_path)
     within 2 mm)."""
     code = f"""
 import json
+import os
 import numpy as np
 from pathlib import Path
 from scripts import evaluation
@@ -386,6 +388,7 @@ def test_threaded_copy_reader_loads_exactly_what_monai_loads(tmp_path, shared_da
     paths = [str(tmp_path / "ct.nii.gz"), str(example / "ct_small.nii.gz"), str(example / "dicom")]
     code = f"""
 import json
+import os
 import numpy as np
 from pathlib import Path
 from monai.transforms import LoadImage
@@ -454,11 +457,41 @@ def test_cases_with_one_file_name_keep_their_own_outputs_metrics_and_earlier_run
     for case in ("p1", "p2"):
         record = records[str(data / case / "ct" / "image.nii.gz")]
         _check_label_map(record["outputs"]["label_map"], data / case / "ct" / "image.nii.gz")
-    run_bundle(BUNDLE, "inference.json", input=str(data / "s0001" / "ct.nii.gz"), output_dir=str(seg_out),
-               ckpt=str(trained["model"]), save_preview=False, **INFER)
-    summary = json.loads((seg_out / "summary.json").read_text())
-    assert summary["num_ok"] == 3 and {c["input"] for c in summary["cases"]} == {*records, str(data / "s0001" / "ct.nii.gz")}
-    assert all(Path(c["outputs"]["label_map"]).is_file() for c in summary["cases"])
+    assert len({Path(r["outputs"]["label_map"]).parent for r in records.values()}) == 2
+
+
+def test_summary_merges_earlier_and_concurrent_runs(tmp_path):
+    """summary.json keeps earlier runs' cases, a rerun replaces its own record, and four processes merging
+    into one folder at once lose nothing (lock + atomic write)."""
+    code = f"""
+import json, multiprocessing
+from pathlib import Path
+from scripts import segment
+
+path = Path({str(tmp_path / "summary.json")!r})
+
+def run(worker):
+    for i in range(10):
+        segment.merge_summary(path, [{{"case": f"w{{worker}}_{{i}}", "input": f"/d/w{{worker}}/{{i}}.nii.gz", "status": "ok"}}])
+
+if __name__ == "__main__":
+    segment.merge_summary(path, [{{"case": "old", "input": "/d/old.nii.gz", "status": "failed"}}])
+    procs = [multiprocessing.Process(target=run, args=(w,)) for w in range(4)]
+    [p.start() for p in procs]
+    [p.join() for p in procs]
+    segment.merge_summary(path, [{{"case": "old", "input": "/d/old.nii.gz", "status": "ok"}}])
+    print("RESULT", path.read_text())
+"""
+    script = tmp_path / "merge.py"
+    script.write_text(code)
+    proc = subprocess.run([sys.executable, str(script)], cwd=BUNDLES_DIR / BUNDLE, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(BUNDLES_DIR / BUNDLE)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    cases = {c["case"]: c for c in summary["cases"]}
+    assert len(cases) == 41 == len(summary["cases"]) and summary["num_ok"] == 41 and summary["num_failed"] == 0
+    assert cases["old"]["status"] == "ok"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merge.py", "summary.json", "summary.json.lock"]
 
 
 def test_preview_voxel_sizes_follow_the_inverse_orientation_permutation(tmp_path):
@@ -466,6 +499,7 @@ def test_preview_voxel_sizes_follow_the_inverse_orientation_permutation(tmp_path
     grid nibabel reorients to RAS, so the views keep their true aspect ratio."""
     code = """
 import json
+import os
 import nibabel as nib
 import numpy as np
 from scripts import segment
