@@ -27,7 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLES_DIR = REPO_ROOT / "bundles"
 SHARED_DIR = REPO_ROOT.parent / "shared"
 SHARED_DATA = SHARED_DIR / "data"
-META_SCHEMA = SHARED_DIR / "schemas" / "meta_schema.json"
+META_SCHEMA = REPO_ROOT / "schemas" / "meta_schema.json"  # MONAI's published schema, carried (schemas/README.md)
 BUNDLE_NAMES = sorted(p.parents[1].name for p in BUNDLES_DIR.glob("*/configs/metadata.json"))
 
 for _path in (REPO_ROOT, REPO_ROOT / "tools"):

@@ -169,3 +169,21 @@ def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
     info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n")  # bf16 only emulated here
     assert not runtime.cpu_has_native_bf16(info)
     assert not runtime.cpu_has_native_bf16(tmp_path / "absent")
+
+
+def test_case_names_are_unique_stable_and_never_take_another_scans_name(tmp_path, caplog):
+    from ctfm_common.inputs import case_names, case_source
+
+    paths = [tmp_path / "s0001" / "ct.nii.gz", tmp_path / "s0002" / "ct.nii.gz", tmp_path / "other.nii.gz"]
+    first = case_names(paths)
+    assert first[2] == "other" and len(set(first)) == 3
+    assert first[0].startswith("s0001_ct-") and first[1].startswith("s0002_ct-")
+    assert "named after their full path" in caplog.text
+    assert case_names(list(reversed(paths))) == list(reversed(first))  # a function of the path, not the order
+    assert case_names([paths[0], paths[0]]) == ["ct", "ct"]  # one scan listed twice is one case
+    # a later run: the plain name held by another scan is not reused; by the same scan (a rerun) it is
+    assert case_names([paths[1]], taken={"ct": str(paths[0])}) == [first[1]]
+    assert case_names([paths[0]], taken={"ct": str(tmp_path / "s0001" / ".." / "s0001" / "ct.nii.gz")}) == ["ct"]
+    assert case_source(tmp_path / "s0001" / ".." / "s0001" / "ct.nii.gz") == str(paths[0].resolve())
+    deep = [tmp_path / "p1" / "ct" / "image.nii.gz", tmp_path / "p2" / "ct" / "image.nii.gz"]
+    assert len(set(case_names(deep))) == 2

@@ -298,3 +298,62 @@ def test_bundle_copied_alone_builds_its_network(bundle, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"ROOT={copy}" in proc.stdout
     assert f"FILE={copy}" in proc.stdout
+
+
+def test_project_carries_what_its_checks_need_and_never_reads_shared():
+    """A fresh clone has nothing beside it: the metadata schema is carried, no tool or bundle reads ../shared."""
+    import package_bundles as pb
+
+    assert META_SCHEMA.is_file() and META_SCHEMA.is_relative_to(REPO_ROOT)
+    assert pb.META_SCHEMA == META_SCHEMA
+    assert "meta_schema" in (META_SCHEMA.parent / "README.md").read_text()  # source URL and licence noted
+    readers = []
+    for path in [*(REPO_ROOT / "tools").glob("*.py"), *(REPO_ROOT / "tools").glob("*.sh"), *BUNDLES_DIR.rglob("*.py"),
+                 *BUNDLES_DIR.rglob("*.json"), *(REPO_ROOT / "ctfm_common").glob("*.py")]:
+        text = path.read_text()
+        if "../shared" in text or '/ "shared"' in text:
+            readers.append(str(path.relative_to(REPO_ROOT)))
+    assert readers == []
+
+
+def _device_expressions(parser: ConfigParser) -> dict[str, str]:
+    """Ids whose expression depends on ``device`` only through ids that depend on nothing else:
+    the spelling-sensitive ones (``.type``, ``torch.device(...)``, conditions on them)."""
+    import re
+
+    def refs(raw) -> set[str]:
+        return set(re.findall(r"@([\w#]+)", json.dumps(raw))) if raw is not None else set()
+
+    def device_only(name: str, depth: int = 0) -> bool:
+        found = refs(parser.get(name))
+        return depth < 4 and bool(found) and all(r == "device" or device_only(r, depth + 1) for r in found)
+
+    out = {}
+    stack = [("", parser.get(""))]
+    while stack:
+        prefix, node = stack.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, value in items:
+            name = f"{prefix}#{key}" if prefix else str(key)
+            if isinstance(value, str) and value.startswith("$") and "@device" in value and device_only(name):
+                out[name] = value
+            stack.append((name, value))
+    return out
+
+
+@pytest.mark.parametrize("bundle", EXPECTED_BUNDLES)
+def test_every_config_accepts_each_device_spelling(bundle, bundle_path_cleanup):
+    """``--device cpu`` / ``cuda`` / ``cuda:1`` (strings, as the CLI passes them) resolve in every config."""
+    checked = 0
+    for files in config_sets(bundle):
+        for spelling in ("cpu", "cuda", "cuda:1"):
+            parser = bundle_parser(bundle, files, device=spelling)
+            for name, expression in _device_expressions(parser).items():
+                if spelling != "cpu" and any(call in expression for call in ("set_device", "torch.cuda", "scripts.")):
+                    continue  # asks the GPU itself, not just the spelling
+                try:
+                    parser.get_parsed_content(name, instantiate=False)
+                except Exception as e:  # noqa: BLE001 - the failure names the config, id and spelling
+                    raise AssertionError(f"{[f.name for f in files]}::{name} with device={spelling!r}: {e}") from e
+                checked += 1
+    assert checked > 0 or bundle == "ctfm_retrieval"  # its configs hand `device` to torch.device in scripts/

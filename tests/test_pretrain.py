@@ -429,7 +429,7 @@ def test_loss_falls_on_one_scan(pretrain_scripts, phantom_data, tmp_path):
     """30 steps on one phantom with the full view recipe: the intra-sample loss falls."""
     (tmp_path / "one.json").write_text(json.dumps({"training": [{"image": "imagesTr/body_000.nii.gz"}]}))
     parser = parse_train(tmp_path, phantom_data, datalist=str(tmp_path / "one.json"), batch_size=1, max_epochs=1,
-                         epoch_length=30, learning_rate=1e-3, num_crops=4)
+                         epoch_length=30, learning_rate=1e-3, num_crops=4, device="cpu")  # `--device cpu`, a string
     torch.manual_seed(0)
     trainer = parser.get_parsed_content("train#trainer")  # the trainer of train.json, without its handlers
     losses = []

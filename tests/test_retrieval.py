@@ -943,3 +943,34 @@ def test_weights_overwritten_at_the_same_path_make_embeddings_stale(scans, local
     assert list(diff) == ["encoder_sha256"]
     stored = read(tmp_path / "out" / "embeddings" / "body0.safetensors")[1]
     assert stored["encoder_sha256"] == second["settings"]["encoder_sha256"]
+
+
+def test_same_stem_scans_keep_their_own_embedding_row_and_label(scans, tmp_path):
+    """``a/ct.nii.gz`` and ``ct_2.nii.gz``, then a run with ``b/ct.nii.gz`` and ``c/ct.nii.gz`` into the same
+    folder: four embeddings and rows, none replaced; datalist labels follow each scan's path, not its position."""
+    data = tmp_path / "data"
+    kinds = {"a/ct.nii.gz": "head", "b/ct.nii.gz": "body", "ct_2.nii.gz": "body", "c/ct.nii.gz": "head"}
+    for i, (rel, kind) in enumerate(kinds.items()):
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        phantom.write_phantom(output=str(data / rel), kind=kind, shape=(32, 32, 16), spacing=3.0, seed=20 + i)
+    out = tmp_path / "out"
+    common = dict(output_dir=str(out), encoder_ckpt=scans["ckpt"], **FAST)
+    first, second = data / "first.json", data / "second.json"
+    first.write_text(json.dumps({"testing": [{"image": r} for r in ("a/ct.nii.gz", "ct_2.nii.gz")]}))
+    second.write_text(json.dumps({"testing": [{"image": r} for r in ("b/ct.nii.gz", "c/ct.nii.gz")]}))
+    run_bundle(BUNDLE, "embed.json", input=str(first), **common)
+    proc = run_bundle(BUNDLE, "embed.json", input=str(second), **common)
+    assert "named after their full path" in proc.stdout + proc.stderr
+    rows = rows_of(out / "embeddings" / "index.csv")
+    by_source = {r["source"]: r for r in rows}
+    assert sorted(by_source) == sorted(str(data / r) for r in kinds)  # 4 scans, 4 rows, none replaced
+    assert len({r["case"] for r in rows}) == 4 and by_source[str(data / "ct_2.nii.gz")]["case"] == "ct_2"
+    assert by_source[str(data / "a" / "ct.nii.gz")]["case"] == "ct"
+    for source, row in by_source.items():
+        _, metadata = read(out / "embeddings" / row["file"])
+        assert metadata["source"] == source
+    # labels from a datalist whose first item has no label (the old name-based join shifted them)
+    labels = data / "labels.json"
+    labels.write_text(json.dumps({"training": [{"image": "ct_2.nii.gz"}, *({"image": r, "label": k} for r, k in kinds.items())]}))
+    label_of = scripts.evaluation.read_labels(str(labels), rows)
+    assert {by_source[str(data / r)]["case"]: k for r, k in kinds.items()} == label_of

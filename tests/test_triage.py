@@ -280,3 +280,33 @@ def test_a_one_class_training_set_is_refused(tmp_path, triage_scripts):
                        match=r"datalist.json: every one of the 4 'training' items has label 0 = 0"):
         triage_scripts.datalist.load_datalist(tmp_path / "datalist.json", "training", num_labels=2)
     assert len(triage_scripts.datalist.load_datalist(tmp_path / "datalist.json", "validation", num_labels=2)) == 4
+
+
+def test_inference_runs_into_one_folder_keep_every_case_including_same_named_scans(trained, tmp_path):
+    """``a/ct.nii.gz``, then ``b/ct.nii.gz`` and ``c/ct.nii.gz`` in two runs at once, into one folder:
+    predictions.csv/.json hold all three scans under three names, each with its own probability."""
+    import subprocess
+
+    from demo import bundle_command
+
+    root, common = trained["root"], trained["common"]
+    scans = sorted((root / "data" / "testing").glob("*.nii.gz"))[:3]
+    for case, scan in zip("abc", scans):
+        (tmp_path / case).mkdir()
+        shutil.copy(scan, tmp_path / case / "ct.nii.gz")
+    out = tmp_path / "pred"
+    args = {k: v for k, v in common.items() if k not in ("dataset_dir", "datalist", "ckpt_dir")}
+    args.update(output_dir=str(out), ckpt=str(root / "models" / "model.pt"))
+    run_bundle(BUNDLE, "inference.json", "run", timeout=300, input=str(tmp_path / "a" / "ct.nii.gz"), **args)
+    procs = [subprocess.Popen(bundle_command(BUNDLE, "inference.json", "run", input=str(tmp_path / c / "ct.nii.gz"), **args),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for c in "bc"]
+    for proc in procs:
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    result = json.loads((out / "predictions.json").read_text())
+    by_image = {c["image"]: c for c in result["cases"]}
+    assert sorted(by_image) == sorted(str(tmp_path / c / "ct.nii.gz") for c in "abc") and result["num_cases"] == 3
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert len(rows) == 3 and len({r["case"] for r in rows}) == 3
+    assert {r["case"] for r in rows} == {c["case"] for c in result["cases"]}
+    probabilities = [c["probabilities"]["abnormal"] for c in by_image.values()]
+    assert len(set(probabilities)) == 3  # three different phantoms, three scores: no row copied over another

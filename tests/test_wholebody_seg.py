@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 
 import nibabel as nib
 import numpy as np
+from pathlib import Path
 import pytest
 from conftest import BUNDLES_DIR, run_bundle, tensorboard_scalars
 
@@ -144,7 +147,9 @@ def test_evaluation_scores_labels_against_themselves_and_a_known_shift(tmp_path)
     within 2 mm)."""
     code = f"""
 import json
+import os
 import numpy as np
+from pathlib import Path
 from scripts import evaluation
 
 label = np.zeros((24, 24, 24), np.uint8)
@@ -387,7 +392,9 @@ def test_threaded_copy_reader_loads_exactly_what_monai_loads(tmp_path, shared_da
     paths = [str(tmp_path / "ct.nii.gz"), str(example / "ct_small.nii.gz"), str(example / "dicom")]
     code = f"""
 import json
+import os
 import numpy as np
+from pathlib import Path
 from monai.transforms import LoadImage
 from scripts.transforms import ThreadedCopyNibabelReader
 
@@ -431,3 +438,110 @@ def test_totalseg_conversion_goes_on_past_a_bad_case_and_names_it(tmp_path, caps
     assert f"failed: {broken}:" in err
     assert f"failed: {tmp_path / 'ts' / 's0003' / 'ct.nii.gz'}: ValueError: " in err and "not on the grid" in err
     assert sorted(p.name for p in (tmp_path / "out" / "labelsTr").iterdir()) == ["s0001.nii.gz"]
+
+
+def test_cases_with_one_file_name_keep_their_own_outputs_metrics_and_earlier_runs(trained, tmp_path):
+    """TotalSegmentator's ``<case>/ct.nii.gz`` layout and same-stem inputs from different folders:
+    every case keeps its own prediction, metrics row and summary record; earlier runs survive."""
+    data = tmp_path / "totalseg"
+    items = (trained["content"]["training"] + trained["content"]["validation"])[:2]
+    for case, item in zip(("s0001", "s0002"), items):
+        (data / case).mkdir(parents=True)
+        shutil.copy(trained["data"] / item["image"], data / case / "ct.nii.gz")
+        shutil.copy(trained["data"] / item["label"], data / case / "labels.nii.gz")
+    datalist = data / "datalist.json"
+    datalist.write_text(json.dumps({"validation": [{"image": f"{c}/ct.nii.gz", "label": f"{c}/labels.nii.gz"}
+                                                   for c in ("s0001", "s0002")]}))
+    out = tmp_path / "eval"
+    run_bundle(BUNDLE, ["train.json", "evaluate.json"], dataset_dir=str(data), datalist=str(datalist),
+               output_dir=str(out), ckpt=str(trained["model"]), **TRAIN)
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["num_cases"] == 2
+    rows = list(csv.DictReader(open(out / "metrics_per_case.csv")))
+    names = sorted({r["case"] for r in rows})
+    assert len(names) == 2 and [n.split("-")[0] for n in names] == ["s0001_ct", "s0002_ct"]
+    case_means = [np.mean([float(r["dice"]) for r in rows if r["case"] == n]) for n in names]
+    assert report["mean_dice"] == pytest.approx(np.mean(case_means), abs=1e-5)  # mean of case means
+    predictions = sorted(p.name for p in (out / "predictions").iterdir())
+    assert predictions == [f"{n}_seg.nii.gz" for n in names]  # one prediction per case, none overwritten
+    for name, case in zip(names, ("s0001", "s0002")):
+        pred = np.asarray(nib.load(out / "predictions" / f"{name}_seg.nii.gz").dataobj).squeeze()
+        label = np.asarray(nib.load(data / case / "labels.nii.gz").dataobj)
+        for row in (r for r in rows if r["case"] == name):
+            p, r = pred == int(row["index"]), label == int(row["index"])
+            assert float(row["dice"]) == pytest.approx(2 * (p & r).sum() / (p.sum() + r.sum()), abs=1e-5)
+
+    # inference: p1/ct/image.nii.gz and p2/ct/image.nii.gz, then a later run with a third scan
+    for case in ("p1", "p2"):
+        (data / case / "ct").mkdir(parents=True)
+        shutil.copy(data / ("s0001" if case == "p1" else "s0002") / "ct.nii.gz", data / case / "ct" / "image.nii.gz")
+    seg_out = tmp_path / "seg"
+    proc = run_bundle(BUNDLE, "inference.json", input=str(data / "p*" / "ct" / "image.nii.gz"),
+                      output_dir=str(seg_out), ckpt=str(trained["model"]), save_preview=False, **INFER)
+    assert "named after their full path" in proc.stdout + proc.stderr
+    summary = json.loads((seg_out / "summary.json").read_text())
+    records = {c["input"]: c for c in summary["cases"]}
+    assert summary["num_ok"] == 2 and len({c["case"] for c in summary["cases"]}) == 2
+    for case in ("p1", "p2"):
+        record = records[str(data / case / "ct" / "image.nii.gz")]
+        _check_label_map(record["outputs"]["label_map"], data / case / "ct" / "image.nii.gz")
+    assert len({Path(r["outputs"]["label_map"]).parent for r in records.values()}) == 2
+
+
+def test_summary_merges_earlier_and_concurrent_runs(tmp_path):
+    """summary.json keeps earlier runs' cases, a rerun replaces its own record, and four processes merging
+    into one folder at once lose nothing (lock + atomic write)."""
+    code = f"""
+import json, multiprocessing
+from pathlib import Path
+from scripts import segment
+
+path = Path({str(tmp_path / "summary.json")!r})
+
+def run(worker):
+    for i in range(10):
+        segment.merge_summary(path, [{{"case": f"w{{worker}}_{{i}}", "input": f"/d/w{{worker}}/{{i}}.nii.gz", "status": "ok"}}])
+
+if __name__ == "__main__":
+    segment.merge_summary(path, [{{"case": "old", "input": "/d/old.nii.gz", "status": "failed"}}])
+    procs = [multiprocessing.Process(target=run, args=(w,)) for w in range(4)]
+    [p.start() for p in procs]
+    [p.join() for p in procs]
+    segment.merge_summary(path, [{{"case": "old", "input": "/d/old.nii.gz", "status": "ok"}}])
+    print("RESULT", path.read_text())
+"""
+    script = tmp_path / "merge.py"
+    script.write_text(code)
+    proc = subprocess.run([sys.executable, str(script)], cwd=BUNDLES_DIR / BUNDLE, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(BUNDLES_DIR / BUNDLE)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    cases = {c["case"]: c for c in summary["cases"]}
+    assert len(cases) == 41 == len(summary["cases"]) and summary["num_ok"] == 41 and summary["num_failed"] == 0
+    assert cases["old"]["status"] == "ok"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merge.py", "summary.json", "summary.json.lock"]
+
+
+def test_preview_voxel_sizes_follow_the_inverse_orientation_permutation(tmp_path):
+    """An ASR grid (a 3-cycle of axes) with voxels 1 x 2 x 4 mm: the preview's RAS sizes are those of the
+    grid nibabel reorients to RAS, so the views keep their true aspect ratio."""
+    code = """
+import json
+import os
+import nibabel as nib
+import numpy as np
+from scripts import segment
+
+affine = np.zeros((4, 4)); affine[3, 3] = 1
+affine[1, 0], affine[2, 1], affine[0, 2] = 1.0, 2.0, 4.0  # axis 0 -> A, axis 1 -> S, axis 2 -> R
+assert "".join(nib.aff2axcodes(affine)) == "ASR"
+shape = (10, 12, 14)
+ornt = nib.orientations.io_orientation(affine)
+reoriented = affine @ nib.orientations.inv_ornt_aff(ornt, shape)
+print("RESULT", json.dumps([segment.ras_voxel_sizes(affine).tolist(), nib.affines.voxel_sizes(reoriented).tolist()]))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=BUNDLES_DIR / BUNDLE, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours, reference = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert ours == pytest.approx(reference) and ours == pytest.approx([4.0, 1.0, 2.0])  # R, A, S

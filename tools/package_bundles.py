@@ -21,7 +21,7 @@ directory is that copy:
   with a ``path`` inside the bundle, an ``http(s)`` url and a SHA-256 hash, and no config
   string that points outside the bundle folder (absolute paths, ``..``, other bundles,
   ``%file::id`` macros);
-- ``monai.bundle verify_metadata`` against the zoo schema (``../shared/schemas``, offline);
+- ``monai.bundle verify_metadata`` against the zoo schema (this project's copy, ``schemas/meta_schema.json``, offline);
 - every config parses with ``bundle_root`` (and the paths derived from it) inside the copy;
 - ``verify_net_in_out`` of the network each bundle declares in its metadata;
 - ``ckpt_export`` to TorchScript from RANDOMLY INITIALISED weights written to a temporary
@@ -75,7 +75,7 @@ from ctfm_common.download import (  # noqa: E402
 from ctfm_common.runtime import atomic_write, atomic_write_text  # noqa: E402
 
 BUNDLES_DIR = REPO_ROOT / "bundles"
-META_SCHEMA = REPO_ROOT.parent / "shared" / "schemas" / "meta_schema.json"
+META_SCHEMA = REPO_ROOT / "schemas" / "meta_schema.json"  # MONAI's published schema, carried (schemas/README.md)
 
 # What a zoo bundle holds (top level); anything else in the folder (run outputs, weights) stays out.
 BUNDLE_CONTENT = ("LICENSE", "large_files.yml", "configs", "docs", "scripts", "models/.gitkeep")
@@ -483,7 +483,7 @@ def package(
             ``base_url`` is not given. Without either, ``source`` carries the placeholder
             ``OWNER/REPO/TAG`` to fill in before publishing.
         init_filters: encoder width for the network checks (default: the bundle's, 32; 8 is quick).
-        schema: the zoo metadata schema (default ``../shared/schemas/meta_schema.json``).
+        schema: the zoo metadata schema (default: this project's copy, ``schemas/meta_schema.json``).
         bundles_dir: the folder holding the bundles (default: this repository's ``bundles/``).
 
     Returns:

@@ -39,7 +39,7 @@ from monai.data.utils import dense_patch_slices
 from torch import nn
 
 from .ctfm_common.encoder import weights_digest
-from .ctfm_common.inputs import IMAGE_SUFFIXES, case_name
+from .ctfm_common.inputs import IMAGE_SUFFIXES, case_names
 from .ctfm_common.runtime import as_bool, atomic_write, atomic_write_text, shard_items
 from .ctfm_common.validate import describe_failure
 
@@ -272,14 +272,11 @@ def embedding_settings(
     }
 
 
-def unique_case_names(items: Sequence[Mapping], key: str = "image") -> list[str]:
-    """Case names after the inputs; repeated names get ``_2``, ``_3``... in input order."""
-    names, seen = [], {}
-    for item in items:
-        name = case_name(str(item[key]).rstrip("/\\"))
-        seen[name] = seen.get(name, 0) + 1
-        names.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
-    return names
+def unique_case_names(items: Sequence[Mapping], key: str = "image", taken: Mapping[str, str] | None = None) -> list[str]:
+    """Case names after the inputs (:func:`ctfm_common.inputs.case_names`): a name two scans
+    share (here, or in ``taken``, ``name -> source`` of earlier runs) becomes one derived from
+    each scan's full path, the same in every run, and the log says so."""
+    return case_names([str(item[key]) for item in items], taken, logger)
 
 
 class _SafeDataset(torch.utils.data.Dataset):
@@ -386,7 +383,9 @@ def embed_dataset(
         raise ValueError(f"shard_index must be in [0, {num_shards}), got {shard_index}")
     out_dir = Path(output_dir) / EMBEDDINGS_SUBDIR
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = unique_case_names(items, key)
+    index_file = out_dir / "index.csv"  # names of earlier runs' scans are taken
+    taken = {r["case"]: r["source"] for r in _read_index(index_file)} if index_file.is_file() else {}
+    names = unique_case_names(items, key, taken)
     mine = shard_items(list(range(len(items))), shard_index, num_shards)
     settings = dict(settings, save_patches=str(save_patches))
     if not settings.get("encoder_ckpt"):

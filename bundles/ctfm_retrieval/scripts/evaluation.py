@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .ctfm_common.inputs import DATALIST_SECTIONS
+from .ctfm_common.inputs import DATALIST_SECTIONS, case_source
 from .ctfm_common.runtime import atomic_write_text
-from .embedding import class_label, read_embedding_file, unique_case_names
+from .embedding import class_label, read_embedding_file
 from .metrics import average_precision, average_precision_at_k, hit_rate_at_k, precision_at_k, retrieval_metrics
 from .vector_index import load_embeddings, load_index, normalize, settings_diff
 
@@ -34,7 +34,8 @@ logger = logging.getLogger("ctfm_retrieval.evaluate")
 
 def read_labels(labels: str, rows: Sequence[dict]) -> dict[str, str]:
     """Class label per case from a CSV (``case,label``), a datalist JSON (items with ``image`` and
-    ``label``, all sections) or, when ``labels`` is empty, the ``label`` column of the index."""
+    ``label``, all sections; matched to the rows by the scan's resolved path, relative paths from
+    the datalist's folder) or, when ``labels`` is empty, the ``label`` column of the index."""
     if not labels:
         return {r["case"]: r["label"] for r in rows if r.get("label", "") != ""}
     path = Path(labels)
@@ -43,7 +44,9 @@ def read_labels(labels: str, rows: Sequence[dict]) -> dict[str, str]:
     if path.suffix.lower() == ".json":
         content = json.loads(path.read_text())
         items = [i for s in DATALIST_SECTIONS for i in content.get(s, []) if isinstance(i, dict) and class_label(i)]
-        return {n: class_label(i) for n, i in zip(unique_case_names(items), items)}
+        by_source = {case_source(path.parent / str(i["image"])): class_label(i) for i in items if "image" in i}
+        return {r["case"]: by_source[case_source(r["source"])] for r in rows
+                if r.get("source") and case_source(r["source"]) in by_source}
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         if not {"case", "label"} <= set(reader.fieldnames or ()):

@@ -138,7 +138,8 @@ def predict(
         raise RuntimeError(f"all {len(failed)} scan(s) failed, nothing written to {output_dir}: " + "; ".join(failed))
     paths = write_predictions(cases, label_names=label_names, output_dir=output_dir,
                               extra={"checkpoint": str(ckpt), "thresholds": threshold_by_name,
-                                     "decision_rule": "probability >= threshold (thresholds stored in the checkpoint)"})
+                                     "decision_rule": "probability >= threshold (thresholds stored in the checkpoint)"},
+                              merge=True)
     logger.info(f"triage of {len(cases)} scan(s), {len(failed)} failed: {paths['csv']}, {paths['json']}")
     for error in failed:
         logger.error(f"failed: {error}")

@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from .ctfm_common.runtime import atomic_write, atomic_write_text
+from .ctfm_common.inputs import case_names, case_source
+from .ctfm_common.runtime import atomic_write, atomic_write_text, file_lock
 
 logger = logging.getLogger(__name__)
 
@@ -80,26 +81,53 @@ def prediction_rows(cases: Sequence[dict], label_names: Sequence[str]) -> list[d
 
 
 def write_predictions(cases: Sequence[dict], *, label_names: Sequence[str], output_dir: str | os.PathLike,
-                      extra: dict | None = None, basename: str = "predictions") -> dict[str, str]:
+                      extra: dict | None = None, basename: str = "predictions", merge: bool = False) -> dict[str, str]:
     """Write per-scan predictions to ``<output_dir>/<basename>.csv`` and ``.json``.
+
+    Cases are named by :func:`ctfm_common.inputs.case_names` (two scans never share a name) and,
+    with ``merge``, joined by their input path with the cases of earlier runs already in the
+    files, under a lock: earlier runs' cases stay, a rescored scan replaces its own record, and
+    runs writing into one folder at once do not drop each other's rows.
 
     Args:
         cases: one record per scan (``case``, ``image``, ``probabilities``/``decisions``/``thresholds``
             by label name, ``error`` for scans that failed).
         label_names: label order of the columns.
         output_dir: output folder (created).
-        extra: more top-level JSON entries (the checkpoint, the thresholds).
+        extra: more top-level JSON entries (the checkpoint, the thresholds); with ``merge``, each
+            case of this run also records them.
         basename: file name without extension.
+        merge: keep the cases of earlier runs (inference); without it the files hold this run only.
 
     Returns:
         ``{"csv": path, "json": path}``.
     """
     out = Path(output_dir)
-    csv_path = write_csv(out / f"{basename}.csv", prediction_rows(cases, label_names), prediction_columns(label_names))
-    failed = [c for c in cases if c.get("error")]
-    json_path = write_json(out / f"{basename}.json", {
-        **(extra or {}), "label_names": list(label_names), "num_cases": len(cases), "num_failed": len(failed),
-        "cases": list(cases)})
+    json_file = out / f"{basename}.json"
+    with file_lock(json_file):
+        earlier: list[dict] = []
+        if merge and json_file.is_file():
+            try:
+                content = json.loads(json_file.read_text())
+                if content.get("label_names") == list(label_names):
+                    earlier = [c for c in content.get("cases", []) if isinstance(c, dict)]
+                else:
+                    logger.warning(f"{json_file}: earlier predictions are for labels {content.get('label_names')}, "
+                                   f"not {list(label_names)}; they are replaced")
+            except (OSError, ValueError, AttributeError):
+                logger.warning(f"{json_file}: unreadable earlier predictions; they are replaced")
+        taken = {c.get("case"): c.get("image") or "" for c in earlier}
+        names = case_names([c.get("image") or c.get("case") or "case" for c in cases], taken, logger)
+        cases = [{**c, "case": n, **({k: v for k, v in (extra or {}).items()} if merge else {})}
+                 for c, n in zip(cases, names)]
+        this_run = {case_source(c["image"]) for c in cases if c.get("image")}
+        cases = [c for c in earlier if not (c.get("image") and case_source(c["image"]) in this_run)] + cases
+        csv_path = write_csv(out / f"{basename}.csv", prediction_rows(cases, label_names),
+                             prediction_columns(label_names))
+        failed = [c for c in cases if c.get("error")]
+        json_path = write_json(json_file, {
+            **(extra or {}), "label_names": list(label_names), "num_cases": len(cases), "num_failed": len(failed),
+            "cases": list(cases)})
     return {"csv": str(csv_path), "json": str(json_path)}
 
 

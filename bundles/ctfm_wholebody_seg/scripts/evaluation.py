@@ -30,7 +30,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.metrics import compute_dice, compute_surface_dice
 
-from .ctfm_common.inputs import case_name
+from .ctfm_common.inputs import case_name, case_names, case_source
 from .labels import read_label_names
 from .segment import write_bytes_atomic, write_csv
 
@@ -168,6 +168,29 @@ def write_report(rows: Sequence[Mapping], output_dir: str | os.PathLike, title: 
     return summary
 
 
+class CaseNames:
+    """The output names of an evaluation's cases (:func:`ctfm_common.inputs.case_names` over the
+    whole data list), so two scans with one file name (``<case>/ct.nii.gz``) never share one.
+
+    ``formatter`` is a ``SaveImaged`` ``output_name_formatter``: predictions are written as
+    ``<name>_seg.nii.gz``, one file per case.
+
+    Args:
+        items: the evaluation's data dicts.
+        key: their image key.
+    """
+
+    def __init__(self, items: Sequence[Mapping], key: str = "image") -> None:
+        paths = [str(item[key]) for item in items]
+        self.by_source = {case_source(p): n for p, n in zip(paths, case_names(paths, logger=logger))}
+
+    def __call__(self, source: str | os.PathLike) -> str:
+        return self.by_source.get(case_source(source)) or case_names([source])[0]
+
+    def formatter(self, metadict: Mapping, saver: object = None) -> dict:
+        return {"subject": self(str(metadict["filename_or_obj"])), "idx": None}
+
+
 class SegmentationReport:
     """Evaluator handler: scores each case (:func:`score_case`) and writes the report at the end.
 
@@ -213,13 +236,15 @@ class SegmentationReport:
             spacing = [float(s) for s in label.pixdim[:3]]
             rows = score_case(np.asarray(pred.detach().cpu())[0].round(), np.asarray(label.detach().cpu())[0].round(),
                               spacing, self.names, self.tolerance_mm)
-            case = case_name(image_source)
-            self.rows += [{"case": case, **row} for row in rows]
+            self.rows += [{"case": case_source(image_source), **row} for row in rows]  # named in report()
             if rows:
-                logger.info(f"{case}: mean Dice {np.mean([r['dice'] for r in rows]):.4f} over {len(rows)} structures")
+                logger.info(f"{case_name(image_source)}: mean Dice {np.mean([r['dice'] for r in rows]):.4f} over {len(rows)} structures")
 
     def report(self, engine: Engine) -> None:
         """Write the report files and publish the means as engine metrics."""
+        sources = list(dict.fromkeys(row["case"] for row in self.rows))  # one identity per scanned file
+        names = dict(zip(sources, case_names(sources, logger=logger)))
+        self.rows = [{**row, "case": names[row["case"]]} for row in self.rows]
         summary = write_report(self.rows, self.output_dir)
         engine.state.metrics["mean_dice"] = summary["mean_dice"]
         engine.state.metrics["mean_nsd"] = summary["mean_nsd"]

@@ -26,7 +26,6 @@ import logging
 import os
 import time
 import traceback
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -35,8 +34,9 @@ import torch
 from torch import nn
 
 from .ctfm_common import encoder as shared_encoder
-from .ctfm_common.inputs import case_name
-from .ctfm_common.runtime import as_bool, atomic_write, cpu_has_native_bf16
+from .ctfm_common.inputs import case_names
+from .ctfm_common.runtime import as_bool, atomic_write, cpu_has_native_bf16, file_lock
+from .ctfm_common.display import ras_voxel_sizes  # noqa: F401  (the preview's voxel sizes, re-exported)
 from .ctfm_common.validate import describe_failure
 from .labels import display_colours, read_label_names
 
@@ -94,12 +94,26 @@ def load_network_weights(network: nn.Module, ckpt: str | os.PathLike | None) -> 
     return network
 
 
-def case_names(paths: Sequence[str]) -> list[str]:
-    """Output names after the inputs (:func:`case_name`); repeated names get their parent folder's
-    name in front (TotalSegmentator's ``s0001/ct.nii.gz`` -> ``s0001_ct``)."""
-    names = [case_name(p) for p in paths]
-    counts = Counter(names)
-    return [f"{Path(p).parent.name}_{n}" if counts[n] > 1 else n for p, n in zip(paths, names)]
+def read_summary(path: Path) -> dict:
+    """An earlier run's ``summary.json`` (empty when absent or unreadable)."""
+    try:
+        summary = json.loads(path.read_text())
+        return summary if isinstance(summary, dict) and isinstance(summary.get("cases"), list) else {"cases": []}
+    except (OSError, ValueError):
+        return {"cases": []}
+
+
+def merge_summary(path: Path, results: Sequence[Mapping]) -> dict:
+    """Merge this run's case records into ``summary.json`` by case, under a lock: earlier runs'
+    cases stay, a rerun of a case replaces its record; counts cover every case in the file."""
+    with file_lock(path):
+        cases = {c["case"]: c for c in read_summary(path)["cases"] if isinstance(c, dict) and "case" in c}
+        cases.update({r["case"]: dict(r) for r in results})
+        merged = list(cases.values())
+        ok = sum(c.get("status") == "ok" for c in merged)
+        summary = {"num_ok": ok, "num_failed": len(merged) - ok, "cases": merged}
+        write_bytes_atomic((json.dumps(summary, indent=2) + "\n").encode(), path)
+    return summary
 
 
 def write_label_map(labels: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> Path:
@@ -526,7 +540,10 @@ def segment_cases(
                        keep_channels=subset)
     logger.info(f"network precision: {'bfloat16 autocast' if bf16 else 'float32'} on {device}")
     paths = [str(item[key]) for item in items]
-    cases = case_names(paths)
+    with file_lock(output_dir / "summary.json"):  # names of earlier runs' cases are taken
+        taken = {c.get("case"): c.get("input", "") for c in read_summary(output_dir / "summary.json")["cases"]
+                 if isinstance(c, dict)}
+    cases = case_names(paths, taken, logger)
     results = []
     try:
         from tqdm import tqdm
@@ -597,8 +614,9 @@ def segment_cases(
         results.append(record)
     failed = [r for r in results if r["status"] != "ok"]
     summary = {"num_ok": len(results) - len(failed), "num_failed": len(failed), "cases": results}
-    write_bytes_atomic((json.dumps(summary, indent=2) + "\n").encode(), output_dir / "summary.json")
-    logger.info(f"segmented {summary['num_ok']} of {len(results)} cases; summary: {output_dir / 'summary.json'}")
+    merged = merge_summary(output_dir / "summary.json", results)
+    logger.info(f"segmented {summary['num_ok']} of {len(results)} cases; summary: {output_dir / 'summary.json'} "
+                f"({len(merged['cases'])} cases with earlier runs')")
     for record in failed:
         logger.error(f"failed: {record['error']}")
     if results and not summary["num_ok"]:

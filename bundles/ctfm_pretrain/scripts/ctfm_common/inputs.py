@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import errno
 import glob
+import hashlib
 import json
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .runtime import UsageError
@@ -33,6 +35,64 @@ def case_name(path: str | os.PathLike) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+def case_source(path: str | os.PathLike) -> str:
+    """A case's identity: its full input path, resolved (``..``, symlinks, the working folder).
+
+    Unique within a run and the same in every run: every row, output file and join of a case
+    goes through it (or :func:`case_names`, the file names derived from it).
+    """
+    text = os.fspath(path)
+    return str(Path(text.rstrip("/\\") or text).expanduser().resolve())
+
+
+def case_names(
+    paths: Sequence[str | os.PathLike],
+    taken: Mapping[str, str] | None = None,
+    logger: logging.Logger | None = None,
+) -> list[str]:
+    """Output names of a run's cases, one per input path, never shared by two different scans.
+
+    A case is named after its input (:func:`case_name`: ``s0001/ct.nii.gz`` -> ``ct``) when no
+    other scan has that name; otherwise (two inputs of the run share it, e.g. TotalSegmentator's
+    ``<case>/ct.nii.gz`` layout, or ``taken`` holds it for another scan) it is
+    ``<parent folder>_<name>-<8 hex digits of the SHA-1 of its full path>``, which depends on
+    the full path only, so a case gets the same disambiguated name in every run that needs one.
+    The same scan listed twice keeps one name (it is one case).
+
+    Args:
+        paths: the run's input paths.
+        taken: ``name -> source`` of cases already written where this run writes (earlier runs).
+        logger: where to say which names were disambiguated (default: ``ctfm_common``).
+
+    Returns:
+        One name per path, in order.
+    """
+    sources = [case_source(p) for p in paths]
+    plain = [case_name(os.fspath(p).rstrip("/\\") or os.fspath(p)) for p in paths]
+    owners: dict[str, set[str]] = {}
+    for name, source in zip(plain, sources):
+        owners.setdefault(name, set()).add(source)
+    for name, source in (taken or {}).items():
+        if name in owners and source:
+            owners[name].add(case_source(source))
+    names, renamed = [], []
+    for name, source in zip(plain, sources):
+        if len(owners[name]) > 1:
+            parent = Path(source).parent.name
+            digest = hashlib.sha1(source.encode()).hexdigest()[:8]
+            unique = f"{parent}_{name}-{digest}" if parent else f"{name}-{digest}"
+            if unique not in names:
+                renamed.append(f"{source} -> {unique}")
+            name = unique
+        names.append(name)
+    if renamed:
+        (logger or logging.getLogger("ctfm_common")).warning(
+            f"{len(renamed)} case(s) share a file name with another scan; named after their full path instead: "
+            + "; ".join(renamed)
+        )
+    return names
 
 
 def _is_dicom_folder(folder: Path) -> bool:

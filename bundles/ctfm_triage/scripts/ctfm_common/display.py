@@ -65,8 +65,20 @@ def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
     ornt = nib.orientations.io_orientation(np.asarray(affine, dtype=np.float64))
     ras = nib.orientations.apply_orientation(np.asarray(array), ornt)
-    sizes = nib.affines.voxel_sizes(np.asarray(affine, dtype=np.float64))[ornt[:, 0].astype(int)]
-    return ras, sizes, ornt
+    return ras, ras_voxel_sizes(affine), ornt
+
+
+def ras_voxel_sizes(affine: np.ndarray) -> np.ndarray:
+    """Voxel sizes (mm) along R, A, S of the grid reoriented to RAS+ (``io_orientation``): RAS axis
+    ``ornt[i, 0]`` is stored axis ``i``, so the sizes go through the INVERSE of that permutation
+    (it differs from the permutation itself for 3-cycle orientations such as ASR)."""
+    import nibabel as nib
+
+    affine = np.asarray(affine, dtype=np.float64)
+    ornt = nib.orientations.io_orientation(affine)
+    sizes = np.empty(3)
+    sizes[ornt[:, 0].astype(int)] = nib.affines.voxel_sizes(affine)[:3]
+    return sizes
 
 
 def voxel_to_ras_index(voxel: Sequence[float], shape: Sequence[int], ornt: np.ndarray) -> np.ndarray:

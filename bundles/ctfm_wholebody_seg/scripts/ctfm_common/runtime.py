@@ -17,10 +17,13 @@
   from torchrun (``RANK``/``WORLD_SIZE``) or a SLURM array, so any scheduler can spread it.
 - Atomic writes: a file is written beside its destination and moved into place with
   ``os.replace``, so a crash never leaves a half-written output or destroys the previous one.
+- Shared result files (a run's ``summary.json``, ``predictions.csv``) are merged under
+  :func:`file_lock` by case, so earlier and concurrent runs into one folder keep their rows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import sys
@@ -192,6 +195,28 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write a text file atomically (see :func:`atomic_write`)."""
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike):
+    """Hold an exclusive lock for ``path`` (on ``<path>.lock``) while reading-merging-writing it.
+
+    Processes that share an output folder wait for each other here, so a merge never loses the
+    rows another run wrote in between (POSIX ``flock``; without it, no lock is taken).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: atomic writes only
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def cpu_has_native_bf16(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
