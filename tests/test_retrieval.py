@@ -233,6 +233,7 @@ def local(scans) -> dict:
             mt.EnsureChannelFirstd("image"),
             mt.Orientationd("image", "SPL"),
             mt.Spacingd("image", (3.0, 1.0, 1.0)),
+            mt.CropForegroundd("image", "image"),  # MONAI's default x > 0: HU > 0, as in CT-FM
             mt.ScaleIntensityRanged("image", -1024, 2048, 0, 1, clip=True),
             mt.SpatialPadd("image", (8, 32, 32)),
         ]
@@ -301,7 +302,7 @@ def test_query_with_a_stored_embedding_returns_itself_first(embedded, indexed):
     out = embedded["out"]
     run_bundle(
         BUNDLE,
-        "query.json",
+        ["embed.json", "query.json"],
         input=str(embedded["emb"] / "head1.safetensors"),
         output_dir=str(out),
         k=3,
@@ -576,7 +577,7 @@ def test_semantic_search_map_on_the_target_grid_with_hit_rate(scans):
     out = root / "semantic"
     run_bundle(
         BUNDLE,
-        "semantic_search.json",
+        ["embed.json", "semantic_search.json"],
         input=str(root / "scans" / "body1.nii.gz"),
         query_image=str(root / "scans" / "body0.nii.gz"),
         query_point=point,
