@@ -67,5 +67,6 @@ def run_each(
     else:
         Path(errors_file).unlink(missing_ok=True)
     if sources and not done:
-        raise RuntimeError(f"cannot {what}: every scan failed: " + "; ".join(f"{e['source']}: {e['error']}" for e in errors))
+        failures = "; ".join(f"{e['source']}: {e['error']}" for e in errors)
+        raise RuntimeError(f"cannot {what}: every scan failed: {failures}")
     return done

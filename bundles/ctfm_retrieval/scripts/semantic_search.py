@@ -235,7 +235,11 @@ def semantic_search(
     vector = F.normalize(query_features[(slice(None), *q_index)], dim=0)
 
     image = query if target == query_image else preprocessing({"image": target})["image"]
-    features = query_features if target == query_image else _features(network, image, feature_level, device, amp, ras_voxel_order)
+    features = (
+        query_features
+        if target == query_image
+        else _features(network, image, feature_level, device, amp, ras_voxel_order)
+    )
     similarity = torch.einsum("c,cdhw->dhw", vector, F.normalize(features, dim=0))
     stride = np.array(image.shape[1:]) / np.array(features.shape[1:])
 
