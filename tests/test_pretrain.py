@@ -492,10 +492,17 @@ def test_real_ct_nifti_and_dicom_series_enter_the_cache(pretrain_scripts, shared
 
 
 def test_loss_falls_on_one_scan(pretrain_scripts, phantom_data, tmp_path):
-    """30 steps on one phantom with the full view recipe: the intra-sample loss falls."""
+    """30 steps on one phantom with every view operation: the intra-sample loss falls.
+
+    A check of the training machinery, not of the recipe (tests/test_recipe.py checks that): on this
+    40 x 40 x 20 phantom CT-FM's settings learn too slowly to show in 30 steps (measured, mean of the
+    first vs last 10 steps: 1.93 -> 1.89 with the reference's settings; 1.94 -> 1.98 with sides >= 0.7
+    and both views as anchors; 1.99 -> 1.77 when the foreground crop also keeps the fat, > -500 HU).
+    """
     (tmp_path / "one.json").write_text(json.dumps({"training": [{"image": "imagesTr/body_000.nii.gz"}]}))
     parser = parse_train(tmp_path, phantom_data, datalist=str(tmp_path / "one.json"), batch_size=1, max_epochs=1,
-                         epoch_length=30, learning_rate=1e-3, num_crops=4)
+                         epoch_length=30, learning_rate=1e-3, num_crops=4, crop_scale=[0.7, 1.0],
+                         symmetric_loss=True, foreground_hu=-500)
     torch.manual_seed(0)
     trainer = parser.get_parsed_content("train#trainer")  # the trainer of train.json, without its handlers
     losses = []
