@@ -511,18 +511,30 @@ def test_what_monai_download_does_with_a_traversal_zip(server, tmp_path):
         pb.verify(str(tmp_path / "zoo" / "ctfm_evil.zip"))
 
 
+def test_hub_exports_load_with_the_ct_fm_release_loader(hub_repos):
+    """config.json holds constructor arguments only, so lighter-zoo (the CT-FM release's loader,
+    ``PyTorchModelHubMixin.from_pretrained``) builds our exports, with exactly our weights."""
+    lighter_zoo = pytest.importorskip("lighter_zoo", reason="lighter-zoo not installed (requirements-nodeps.txt)")
+    folders, states = hub_repos["folders"], hub_repos["states"]
+    for kind, cls in (("encoder", lighter_zoo.SegResEncoder), ("seg", lighter_zoo.SegResNet)):
+        model = cls.from_pretrained(str(folders[kind]))
+        loaded = model.state_dict()
+        assert set(loaded) == set(states[kind]), kind
+        assert all(torch.equal(loaded[k], states[kind][k]) for k in loaded), kind
+    # ... and our own loader still reads the same folders
+    assert set(enc.read_state_dict(folders["encoder"])) == set(states["encoder"])
+
+
 def test_hub_export_writes_repo_layout_and_model_card(hub_repos):
     folders = hub_repos["folders"]
     configs = {kind: json.loads((folder / "config.json").read_text()) for kind, folder in folders.items()}
     assert configs["encoder"] == {
-        "architecture": "SegResEncoder",
         "spatial_dims": 3,
         "in_channels": 1,
         "init_filters": 8,
         "blocks_down": [1, 2, 2, 4, 4],
     }
     assert configs["seg"] == {
-        "architecture": "SegResNetDS",
         "spatial_dims": 3,
         "in_channels": 1,
         "init_filters": 8,
@@ -531,7 +543,6 @@ def test_hub_export_writes_repo_layout_and_model_card(hub_repos):
         "dsdepth": 4,
     }
     assert configs["triage"] == {
-        "architecture": "TriageClassifier",
         "init_filters": 8,
         "in_channels": 1,
         "hidden_features": 256,

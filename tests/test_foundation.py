@@ -25,10 +25,10 @@ from conftest import BUNDLE_NAMES, BUNDLES_DIR, META_SCHEMA, REPO_ROOT
 from monai.bundle import ConfigParser
 from monai.networks.nets.segresnet_ds import SegResEncoder, SegResNetDS
 
+import package_bundles as pb
 from ctfm_common import encoder as enc
 
 EXPECTED_BUNDLES = ["ctfm_pretrain", "ctfm_retrieval", "ctfm_triage", "ctfm_wholebody_seg"]
-OVERRIDE_CONFIGS = {"evaluate.json", "multi_gpu_train.json"}  # merged after train.json, where one exists
 
 
 def config_files(bundle: str) -> list[Path]:
@@ -36,10 +36,8 @@ def config_files(bundle: str) -> list[Path]:
 
 
 def config_sets(bundle: str) -> list[list[Path]]:
-    """Config file lists as users run them: stand-alone files, and overrides after train.json."""
-    files = config_files(bundle)
-    train = BUNDLES_DIR / bundle / "configs" / "train.json"
-    return [[train, f] if f.name in OVERRIDE_CONFIGS and train.is_file() else [f] for f in files]
+    """Config file lists as users run them: stand-alone files, and overrides after their base (package_bundles)."""
+    return [[BUNDLES_DIR / bundle / name for name in names] for names in pb.config_sets(BUNDLES_DIR / bundle)]
 
 
 def bundle_parser(bundle: str, files: list[Path], **overrides) -> ConfigParser:
@@ -104,7 +102,7 @@ def test_configs_parse_and_network_builds(bundle, bundle_path_cleanup):
     built = 0
     for files in sets:
         raw = ConfigParser.load_config_files([str(f) for f in files])
-        if len(files) == 2:  # an override file may only change ids the base config has
+        if len(files) == 2 and files[0].name == "train.json":  # a variant may only change ids train.json has
             base = ConfigParser(ConfigParser.load_config_file(str(files[0])))
             missing = [k for k in ConfigParser.load_config_file(str(files[1])) if k not in base and not k.startswith("_")]
             assert not missing, f"{files[1].name} overrides ids absent from train.json: {missing}"

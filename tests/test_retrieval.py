@@ -233,6 +233,7 @@ def local(scans) -> dict:
             mt.EnsureChannelFirstd("image"),
             mt.Orientationd("image", "SPL"),
             mt.Spacingd("image", (3.0, 1.0, 1.0)),
+            mt.CropForegroundd("image", "image"),  # MONAI's default x > 0: HU > 0, as in CT-FM
             mt.ScaleIntensityRanged("image", -1024, 2048, 0, 1, clip=True),
             mt.SpatialPadd("image", (8, 32, 32)),
         ]
@@ -301,7 +302,7 @@ def test_query_with_a_stored_embedding_returns_itself_first(embedded, indexed):
     out = embedded["out"]
     run_bundle(
         BUNDLE,
-        "query.json",
+        ["embed.json", "query.json"],
         input=str(embedded["emb"] / "head1.safetensors"),
         output_dir=str(out),
         k=3,
@@ -345,6 +346,35 @@ def test_query_with_a_scan_embeds_it_on_the_fly(scans, embedded, indexed, local,
             preprocessing=local["preprocessing"],
             embedder=embedder,
         )
+
+
+def test_query_and_saliency_batches_go_on_past_a_bad_scan_and_list_it(scans, indexed, local, tmp_path):
+    """A glob of queries (or of saliency inputs) holding a corrupt file: the others are done, the bad one listed."""
+    query = importlib.import_module("ctfm_retrieval_scripts.query")
+    saliency = importlib.import_module("ctfm_retrieval_scripts.saliency")
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    shutil.copy(scans["root"] / "scans" / "head0.nii.gz", batch / "head0.nii.gz")
+    (batch / "corrupt.nii.gz").write_bytes(b"not a nifti file")
+    embedder = scripts.embedding.ScanEmbedder(local["network"], patch_size=(8, 32, 32), overlap=FAST["overlap"])
+    rows = query.query_index(input=str(batch / "*.nii.gz"), index_dir=str(indexed), output_dir=str(tmp_path), k=1,
+                             settings=local["settings"], preprocessing=local["preprocessing"], embedder=embedder)
+    assert [r["query"] for r in rows] == ["head0"] and rows[0]["case"] == "head0"
+    errors = rows_of(tmp_path / "neighbours_errors.csv")
+    assert [e["source"] for e in errors] == [str(batch / "corrupt.nii.gz")] and "gzip" in errors[0]["error"]
+    from monai import transforms as mt
+
+    coarse = mt.Compose([*local["preprocessing"].transforms[:2], mt.Spacingd("image", (12.0, 12.0, 12.0)),
+                         mt.ScaleIntensityRanged("image", -1024, 2048, 0, 1, clip=True), mt.DivisiblePadd("image", 16)])
+    summaries = saliency.saliency_maps(input=str(batch / "*.nii.gz"), output_dir=str(tmp_path), preprocessing=coarse,
+                                       network=local["network"], mask_size=8, overlap=0.0)
+    assert [Path(s["input"]).name for s in summaries] == ["head0.nii.gz"]
+    assert (tmp_path / "saliency" / "head0_saliency.nii.gz").is_file()
+    assert [e["source"] for e in rows_of(tmp_path / "saliency" / "errors.csv")] == [str(batch / "corrupt.nii.gz")]
+    (batch / "corrupt.nii.gz").unlink()  # nothing fails: no stale error list
+    query.query_index(input=str(batch / "*.nii.gz"), index_dir=str(indexed), output_dir=str(tmp_path), k=1,
+                      settings=local["settings"], preprocessing=local["preprocessing"], embedder=embedder)
+    assert not (tmp_path / "neighbours_errors.csv").exists()
 
 
 def test_resume_and_incremental_add(scans, embedded, indexed, local):
@@ -576,7 +606,7 @@ def test_semantic_search_map_on_the_target_grid_with_hit_rate(scans):
     out = root / "semantic"
     run_bundle(
         BUNDLE,
-        "semantic_search.json",
+        ["embed.json", "semantic_search.json"],
         input=str(root / "scans" / "body1.nii.gz"),
         query_image=str(root / "scans" / "body0.nii.gz"),
         query_point=point,

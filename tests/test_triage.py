@@ -38,7 +38,7 @@ SETTINGS = {  # the tiny recipe every workflow here shares
     "init_filters": 8,
     "spacing": [5.0, 3.0, 3.0],
     "roi_size": [16, 32, 32],
-    "windows": ["stroke"],
+    "windows": ["blood"],
     "num_workers": 0,
 }
 TRAIN = {"max_epochs": 14, "batch_size": 4, "learning_rate": 0.0005}
@@ -199,7 +199,7 @@ def test_multi_window_input_loads_the_pretrained_one_channel_encoder(triage_scri
     # the bundle's config builds a 3-channel network from three named windows
     parser = ConfigParser()
     parser.read_config(str(BUNDLES_DIR / BUNDLE / "configs" / "inference.json"))
-    parser.update({"init_filters": 8, "windows": ["brain", "subdural", "bone"]})
+    parser.update({"init_filters": 8, "windows": ["blood", "subdural", "bone"]})
     parser.parse()
     network = parser.get_parsed_content("network_def").eval()
     assert network.encoder.conv_init.weight.shape[1] == 3

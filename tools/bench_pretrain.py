@@ -18,7 +18,7 @@ AdamW) built from ``bundles/ctfm_pretrain/configs/train.json``; the number repor
   beforehand, timed separately), views made in one batch on the training device;
 - ``plain_monai``: a plain MONAI CPU pipeline as users usually write it: every step loads,
   reorients, resamples and crops each scan, then makes every view with MONAI's CPU
-  transforms (``RandScaleCropd`` + ``Resized``, ``RandFlipd``, ``RandHistogramShiftd``,
+  transforms (``RandScaleCrop`` + ``Resized``, ``RandFlipd``, ``RandHistogramShiftd``,
   ``RandGaussianSmoothd``), fp32.
 
 On a CPU use a small encoder (``init_filters`` 8) and small patches; on a GPU the defaults of
@@ -71,19 +71,21 @@ def _plain_monai_loader(parser, data: list[dict], batch_size: int, num_workers: 
         RandFlipd,
         RandGaussianSmoothd,
         RandHistogramShiftd,
-        RandScaleCropd,
+        Lambdad,
+        RandScaleCrop,
         RandSpatialCropSamplesd,
         Resized,
         ScaleIntensityRanged,
     )
 
     patch = parser["patch_size"]
-    side = parser["crop_scale"][0] ** (1 / 3)
+    low, high = parser["crop_scale"]
     deterministic = parser.get_parsed_content("train#preprocessing")
     scale = ScaleIntensityRanged("image", parser["hu_min"], parser["hu_max"], 0.0, 1.0, clip=True)
     crops = RandSpatialCropSamplesd("image", roi_size=patch, num_samples=parser["num_crops"], random_size=False)
     view = Compose([
-        RandScaleCropd("image", roi_scale=side, max_roi_scale=1.0, random_size=True),
+        # CT-FM's RandomResizedCrop: s ~ U(low, high), the same s on every axis
+        Lambdad("image", lambda x: RandScaleCrop(float(torch.empty(1).uniform_(low, high)), random_size=False)(x)),
         Resized("image", spatial_size=patch, mode="trilinear"),
         RandFlipd("image", prob=parser["flip_prob"], spatial_axis=0),
         RandHistogramShiftd(

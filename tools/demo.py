@@ -209,7 +209,7 @@ def build_steps(out: Path, data: dict[str, Path], init_filters: int) -> list[Ste
         ),
         Step(
             f"ctfm_retrieval: the scans most similar to {case}",
-            "ctfm_retrieval", ["query.json"], "run",
+            "ctfm_retrieval", ["embed.json", "query.json"], "run",
             dict({k: v for k, v in embed.items() if k != "num_workers"}, input=str(ct), k=5),
             {"nearest neighbours (CSV)": retrieval / "neighbours.csv"},
         ),

@@ -63,10 +63,19 @@ HUB_NETWORK = {
     "ctfm_triage": "TriageClassifier",
     "ctfm_wholebody_seg": "SegResNetDS",
 }
+# The CT-FM release's own loader of each network, where it has one (lighter-zoo on PyPI).
+LIGHTER_ZOO_NOTE = {
+    "SegResEncoder": ": `lighter_zoo.SegResEncoder.from_pretrained` loads this repo",
+    "SegResNetDS": ": `lighter_zoo.SegResNet.from_pretrained` loads this repo",
+}
 
 
-def hub_weights(bundle: str, state: dict) -> tuple[dict, dict]:
-    """The tensors for ``model.safetensors`` and the ``config.json`` of their network, read off the shapes.
+def hub_weights(bundle: str, state: dict) -> tuple[dict, str, dict]:
+    """The tensors for ``model.safetensors``, their network's class name and its ``config.json``, read off the shapes.
+
+    ``config.json`` holds the constructor's keyword arguments and nothing else, as in the CT-FM
+    releases: ``lighter_zoo.SegResEncoder`` / ``lighter_zoo.SegResNet`` (``PyTorchModelHubMixin``)
+    pass every key of it to the constructor. The class name goes into the weights' header instead.
 
     Complete task weights (a ``SegResNetDS`` with its heads, a ``TriageClassifier`` with its head and
     thresholds) stay complete; anything else keeps only the shared encoder, with bare keys (the
@@ -89,14 +98,14 @@ def hub_weights(bundle: str, state: dict) -> tuple[dict, dict]:
     if architecture == "SegResNetDS" and heads:
         config = dict(enc.ENCODER_ARGS, blocks_down=list(enc.ENCODER_ARGS["blocks_down"]), **width)
         config.update(out_channels=int(task[heads[-1]].shape[0]), dsdepth=len(heads))
-        return task, {"architecture": architecture, **config}
+        return task, architecture, config
     if architecture == "TriageClassifier" and "head.2.weight" in task:
         config = dict(
             width, hidden_features=int(task["head.0.weight"].shape[0]), num_labels=int(task["head.2.weight"].shape[0])
         )
-        return task, {"architecture": architecture, **config}
+        return task, architecture, config
     config = dict(enc.ENCODER_ARGS, blocks_down=list(enc.ENCODER_ARGS["blocks_down"]), **width)
-    return {k: state[prefix + k] for k in expected}, {"architecture": "SegResEncoder", **config}
+    return {k: state[prefix + k] for k in expected}, "SegResEncoder", config
 
 
 def bundle_model_card(bundle_dir: Path) -> str:
@@ -111,15 +120,17 @@ def bundle_model_card(bundle_dir: Path) -> str:
     return (rest if end < 0 else rest[: end + 1]).strip() + "\n"
 
 
-def model_card(meta: dict, bundle: str, config: dict, repo_id: str, weights_name: str, sha256: str) -> str:
+def model_card(
+    meta: dict, bundle: str, architecture: str, config: dict, repo_id: str, weights_name: str, sha256: str
+) -> str:
     """A hub model card (README.md with YAML front matter) from the bundle's metadata and model card."""
     fmt = meta.get("network_data_format", {})
     image = fmt.get("inputs", {}).get("image", {})
     pred = fmt.get("outputs", {}).get("pred", {})
     changelog = "\n".join(f"- {v}: {text}" for v, text in meta.get("changelog", {}).items())
     references = "\n".join(f"- {r}" for r in meta.get("references", []))
-    arch_args = ", ".join(f"{k}={v}" for k, v in config.items() if k != "architecture")
-    option = "--encoder_ckpt" if config["architecture"] == "SegResEncoder" else "--ckpt"
+    arch_args = ", ".join(f"{k}={v}" for k, v in config.items())
+    option = "--encoder_ckpt" if architecture == "SegResEncoder" else "--ckpt"
     example = NETWORK_CONFIG.get(bundle, "inference.json")
     width = config.get("init_filters", 32)
     width_note = f" --init_filters {width}" if width != 32 else ""
@@ -144,10 +155,11 @@ tags:
 {bundle_model_card(BUNDLES_DIR / bundle)}
 ## Files
 
-- `{HUB_WEIGHTS}`: weights of `{config["architecture"]}({arch_args})`, from `{weights_name}`
-  (SHA-256 of the file here: `{sha256}`); `{HUB_CONFIG}`: the same constructor arguments. The model
-  card above is the bundle's: evaluation figures for these particular weights are only those their
-  publisher adds here.
+- `{HUB_WEIGHTS}`: weights of `{architecture}({arch_args})`, from `{weights_name}`
+  (SHA-256 of the file here: `{sha256}`); `{HUB_CONFIG}`: the same constructor arguments (only
+  them, as in the CT-FM releases{LIGHTER_ZOO_NOTE.get(architecture, "")}). The model card above
+  is the bundle's: evaluation figures for these particular weights are only those their publisher
+  adds here.
 - `configs/`, `scripts/`, `docs/`, `LICENSE`, `large_files.yml`: the MONAI bundle
   (`configs/metadata.json` is its metadata; `docs/README.md` its documentation).
 
@@ -210,19 +222,19 @@ def export(*, bundle: str, weights: str, out: str, repo_id: str = "OWNER/NAME", 
     if folder.is_dir() and any(folder.iterdir()) and not overwrite:
         raise SystemExit(f"{folder} is not empty (pass --overwrite True to write into it)")
     meta = read_metadata(bundle_dir)
-    state, config = hub_weights(bundle, enc.read_state_dict(weights))
+    state, architecture, config = hub_weights(bundle, enc.read_state_dict(weights))
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-    header = {"bundle": bundle, "version": str(meta["version"]), "architecture": config["architecture"]}
+    header = {"bundle": bundle, "version": str(meta["version"]), "architecture": architecture}
     for rel in bundle_files(bundle_dir):
         data = (bundle_dir / rel).read_bytes()
         atomic_write(folder / rel, lambda tmp, data=data: Path(tmp).write_bytes(data))
     weights_path = atomic_write(folder / HUB_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata=header))
     atomic_write_text(folder / HUB_CONFIG, json.dumps(config, indent=2) + "\n")
     digest = hashlib.sha256(weights_path.read_bytes()).hexdigest()
-    card = model_card(meta, bundle, config, repo_id, Path(os.fspath(weights)).name, digest)
+    card = model_card(meta, bundle, architecture, config, repo_id, Path(os.fspath(weights)).name, digest)
     atomic_write_text(folder / "README.md", card)
     print(
-        f"wrote {folder}: {HUB_WEIGHTS} ({len(tensors)} tensors, {config['architecture']}), {HUB_CONFIG}, "
+        f"wrote {folder}: {HUB_WEIGHTS} ({len(tensors)} tensors, {architecture}), {HUB_CONFIG}, "
         f"README.md, the {bundle} bundle"
     )
     return str(folder)

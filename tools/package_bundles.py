@@ -91,7 +91,16 @@ NETWORK_CONFIG = {
     "ctfm_triage": "inference.json",
     "ctfm_wholebody_seg": "inference.json",
 }
-OVERRIDE_CONFIGS = ("evaluate.json", "multi_gpu_train.json")  # merged after train.json
+# Override files and the config each is merged after, where the bundle has that base: the
+# variants of train.json, and the retrieval tasks that share embed.json's preprocessing.
+OVERRIDE_CONFIGS = {
+    "evaluate.json": "train.json",
+    "multi_gpu_train.json": "train.json",
+    "query.json": "embed.json",
+    "robustness.json": "embed.json",
+    "saliency.json": "embed.json",
+    "semantic_search.json": "embed.json",
+}
 EMBEDDING_DIM_PER_FILTER = 16  # the encoder's last level: 16 x init_filters channels (512 for 32)
 
 SEMVER = re.compile(r"^\d+\.\d+\.\d+([-+][0-9A-Za-z.-]+)?$")
@@ -243,11 +252,10 @@ def check_self_contained(bundle_dir: Path, all_bundles: list[str] | None = None)
 
 
 def config_sets(bundle_dir: Path) -> list[list[str]]:
-    """Config file lists as users run them (relative to the bundle): stand-alone files, overrides after train.json."""
+    """Config file lists as users run them (relative to the bundle): stand-alone files, overrides after their base."""
     names = sorted(p.name for p in (bundle_dir / "configs").glob("*.json") if p.name != "metadata.json")
-    has_train = "train.json" in names
     return [
-        ["configs/train.json", f"configs/{n}"] if n in OVERRIDE_CONFIGS and has_train else [f"configs/{n}"]
+        [f"configs/{OVERRIDE_CONFIGS[n]}", f"configs/{n}"] if OVERRIDE_CONFIGS.get(n) in names else [f"configs/{n}"]
         for n in names
     ]
 

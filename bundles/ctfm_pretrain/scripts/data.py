@@ -88,7 +88,7 @@ class CachedCropDataset(torch.utils.data.Dataset, Randomizable):
         num_crops: int,
         image_key: str = "image",
         min_foreground_voxels: int = 1000,
-        foreground_hu: float = -500.0,
+        foreground_hu: float = 0.0,
         max_replacements: int = 20,
     ) -> None:
         if not data:

@@ -77,26 +77,39 @@ class IntraSampleNTXentLoss(nn.Module):
       as SimCLR does across devices, so the negatives do not shrink as GPUs are added.
 
     Embeddings are L2-normalised; similarities are divided by ``temperature``. The loss is
-    the mean over all views of ``-log(exp(s_pos) / sum_{j in candidates} exp(s_j))``, where
-    the candidates are the positive and the negatives (never the view itself). With two
-    views per crop and ``intra_sample=False`` this is exactly SimCLR's NT-Xent (MONAI's
-    ``ContrastiveLoss``).
+    the mean over the anchor views of ``-log(exp(s_pos) / sum_{j in candidates} exp(s_j))``,
+    where the candidates are the positive and the negatives (never the view itself). The
+    anchors are
+
+    - ``symmetric=False`` (CT-FM's ``IntraSampleNTXEntLoss``): the first view of each crop only
+      (the first row of its group in the batch; view 0 with the view-major batches of
+      :class:`~scripts.views.ContrastiveBatch`), its positive the other view(s);
+    - ``symmetric=True``: every view, as in SimCLR. With two views per crop and
+      ``intra_sample=False`` this is exactly SimCLR's NT-Xent (MONAI's ``ContrastiveLoss``).
 
     Args:
         temperature: softmax temperature (0.1 in CT-FM).
         intra_sample: negatives from the same scan only (CT-FM) or from the whole batch.
+        symmetric: every view is an anchor (SimCLR) instead of the first view of each crop only (CT-FM).
         gather_across_ranks: with ``intra_sample=False`` in a multi-process run, take negatives
             from every rank (each rank's loss is the mean over its own views; DDP's gradient
             average then equals the loss of the whole global batch). Intra-sample negatives
             never cross scans, so there is nothing to gather for them.
     """
 
-    def __init__(self, temperature: float = 0.1, intra_sample: bool = True, gather_across_ranks: bool = True) -> None:
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        intra_sample: bool = True,
+        gather_across_ranks: bool = True,
+        symmetric: bool = False,
+    ) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = float(temperature)
         self.intra_sample = bool(intra_sample)
+        self.symmetric = bool(symmetric)
         self.gather_across_ranks = bool(gather_across_ranks)
 
     def forward(self, embeddings: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
@@ -135,4 +148,11 @@ class IntraSampleNTXentLoss(nn.Module):
         log_denominator = torch.logsumexp(logits.masked_fill(~candidates, float("-inf")), dim=1)
         # mean over the positives of each view (exactly one with two views per crop)
         log_positive = (logits * positives).sum(1) / positives.sum(1)
-        return (log_denominator - log_positive).mean()
+        per_view = log_denominator - log_positive
+        if self.symmetric:
+            return per_view.mean()
+        # the anchors: views with no earlier row of their own crop in this rank's batch
+        same_crop_local = (groups[:, None, :] == groups[None, :, :]).all(-1)
+        earlier = torch.ones_like(same_crop_local).tril(-1)
+        anchors = ~(same_crop_local & earlier).any(1)
+        return per_view[anchors].mean()

@@ -40,9 +40,11 @@ class ViewAugmenter:
 
     Per view, in this order:
 
-    1. random resized crop: a box covering ``scale`` (uniform in ``crop_scale``) of the crop's
-       volume, same aspect ratio as the crop, at a random position, resampled back to the
-       crop's size with trilinear interpolation (MONAI ``RandSpatialCrop`` + ``Resize``);
+    1. random resized crop: ``s`` uniform in ``crop_scale``, a box of ``s`` times the crop's size
+       on *each* spatial axis (CT-FM's ``RandomResizedCrop``: MONAI ``RandScaleCrop(s)``; at
+       s = 0.33 a 32 x 128 x 128 crop keeps an ~11 x 43 x 43 box, ~3.6 % of its volume) at a
+       random position, resampled back to the crop's size with trilinear interpolation
+       (``Resize(mode="trilinear")``);
     2. flip on the first spatial axis with probability ``flip_prob`` (``RandFlip(spatial_axis=0)``),
        folded into the same resampling grid;
     3. histogram shift with ``num_control_points`` points, probability ``histogram_shift_prob``
@@ -53,7 +55,7 @@ class ViewAugmenter:
 
     Args:
         num_views: views per crop (2 for SimCLR).
-        crop_scale: range of the resized crop's volume fraction (0.33-1.0 in CT-FM).
+        crop_scale: range of the resized crop's side fraction, the same on every axis (0.33-1.0 in CT-FM).
         flip_prob: probability of a flip on the first spatial axis.
         num_control_points: histogram-shift control points (including both ends).
         histogram_shift_prob: probability of a histogram shift.
@@ -93,7 +95,7 @@ class ViewAugmenter:
         """Random resized crop + flip on spatial axis 0 of each volume of ``x`` (N, C, D, H, W)."""
         n, dev = x.shape[0], x.device
         low, high = self.crop_scale
-        side = (low + (high - low) * self._rand(n, device=dev)) ** (1.0 / 3.0)  # same fraction on each axis
+        side = low + (high - low) * self._rand(n, device=dev)  # the same fraction on each axis, as in CT-FM
         # box centre in normalised coordinates, kept inside the crop
         centre = (2 * self._rand(n, 3, device=dev) - 1) * (1 - side)[:, None]
         flip = torch.where(self._rand(n, device=dev) < self.flip_prob, -1.0, 1.0)

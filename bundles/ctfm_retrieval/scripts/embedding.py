@@ -253,6 +253,7 @@ def embedding_settings(
     encoder_ckpt: str,
     orientation: str = "SPL",
     hu_range: Sequence[float] = (-1024, 2048),
+    foreground_hu: float = 0.0,
 ) -> dict[str, str]:
     """The settings that define an embedding, as the string metadata stored with it.
 
@@ -265,6 +266,7 @@ def embedding_settings(
         "spacing": json.dumps([float(s) for s in spacing]),
         "orientation": str(orientation),
         "hu_range": json.dumps([float(h) for h in hu_range]),
+        "foreground_hu": json.dumps(float(foreground_hu)),
         "init_filters": str(int(init_filters)),
         "encoder_ckpt": str(encoder_ckpt),
         # the weights' content: the same path overwritten with other weights makes earlier embeddings stale

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .batch import run_each
 from .ctfm_common.inputs import resolve_input
 from .ctfm_common.runtime import atomic_write_text
 from .embedding import ScanEmbedder, read_embedding_file, unique_case_names
@@ -49,6 +50,7 @@ def query_vectors(
     preprocessing: Callable | None = None,
     embedder: ScanEmbedder | None = None,
     dataset_dir: str | None = None,
+    errors_file: str | os.PathLike | None = None,
 ) -> list[tuple[str, str, np.ndarray]]:
     """The query embeddings: stored ``.safetensors`` files (a path or glob) or scans embedded now.
 
@@ -60,9 +62,10 @@ def query_vectors(
         preprocessing: MONAI transform to the preprocessed ``image`` (for scans).
         embedder: the :class:`~scripts.embedding.ScanEmbedder` (for scans).
         dataset_dir: base of relative datalist paths.
+        errors_file: where scans that cannot be embedded are listed (``source,error``); the others go on.
 
     Returns:
-        ``(query name, source, vector)`` per query.
+        ``(query name, source, vector)`` per query that could be embedded.
     """
     text = os.fspath(input)
     if text.endswith(".safetensors"):
@@ -80,11 +83,14 @@ def query_vectors(
     _check_settings(text, settings, index_settings)
     items = resolve_input(text, dataset_dir=dataset_dir or None)
     names = unique_case_names(items)
-    out = []
-    for name, item in zip(names, items):
-        image = preprocessing(dict(item))["image"]
-        out.append((name, str(item["image"]), embedder(image)["embedding"].numpy()))
-    return out
+    sources = [str(item["image"]) for item in items]
+    embedded = run_each(
+        sources,
+        lambda i: embedder(preprocessing(dict(items[i]))["image"])["embedding"].numpy(),
+        errors_file=errors_file,
+        what="embed this query scan",
+    )
+    return [(names[i], sources[i], vector) for i, vector in embedded]
 
 
 def query_index(
@@ -111,6 +117,9 @@ def query_index(
         output_name: file stem of the results.
         nprobe, ef_search: search-time recall/speed of an IVF / HNSW index (default: as built).
 
+    A query scan that cannot be read or embedded is named in the log and in
+    ``<output_dir>/<output_name>_errors.csv``; the other queries go on.
+
     Returns:
         One row per (query, rank): ``query, query_source, rank, case, source, label, score`` (cosine).
     """
@@ -122,6 +131,7 @@ def query_index(
         preprocessing=preprocessing,
         embedder=embedder,
         dataset_dir=dataset_dir,
+        errors_file=Path(output_dir) / f"{output_name}_errors.csv",
     )
     found = search(index, rows, np.stack([q[2] for q in queries]), int(k))
     results = [

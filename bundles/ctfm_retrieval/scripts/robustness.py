@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .batch import run_each
 from .ctfm_common.runtime import atomic_write_text
 from .embedding import ScanEmbedder, unique_case_names
 
@@ -96,6 +97,9 @@ def analyse_test_retest(
         items: data dicts (``scripts.inputs.resolve_input``) when ``pairs`` is empty.
         perturbation: MONAI transform applied to the preprocessed dict to make the retest copy.
 
+    A pair that cannot be read or embedded is named in the log and in ``robustness_errors.csv``;
+    the other pairs go on.
+
     Returns:
         The summary.
     """
@@ -109,17 +113,24 @@ def analyse_test_retest(
         names = unique_case_names(items)
     if len(couples) < 2:
         raise ValueError(f"test-retest analysis needs at least 2 pairs, got {len(couples)}")
-    test, retest = [], []
-    for a, b in couples:
+
+    def embed_pair(i: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = couples[i]
         first = preprocessing({"image": a})
-        test.append(embedder(first["image"])["embedding"].numpy())
         second = perturbation(dict(first)) if not pairs else preprocessing({"image": b})
-        retest.append(embedder(second["image"])["embedding"].numpy())
-    test, retest = np.stack(test), np.stack(retest)
+        return embedder(first["image"])["embedding"].numpy(), embedder(second["image"])["embedding"].numpy()
+
+    out = Path(output_dir)
+    done = run_each(
+        [a for a, _ in couples], embed_pair, errors_file=out / "robustness_errors.csv", what="embed this pair"
+    )
+    if len(done) < 2:
+        raise ValueError(f"test-retest analysis needs at least 2 pairs, only {len(done)} could be embedded")
+    couples, names = [couples[i] for i, _ in done], [names[i] for i, _ in done]
+    test, retest = np.stack([t for _, (t, _) in done]), np.stack([r for _, (_, r) in done])
     cosine = (test * retest).sum(1) / (np.linalg.norm(test, axis=1) * np.linalg.norm(retest, axis=1))
     ranks = partner_ranks(test, retest)
     icc = icc_2_1(np.stack([test, retest], axis=1))
-    out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")

@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .batch import run_each
 from .ctfm_common.display import readable
-from .ctfm_common.inputs import case_name
+from .ctfm_common.inputs import case_name, resolve_input
 from .ctfm_common.runtime import atomic_write_text
 from .semantic_search import save_map_on_input_grid, save_overlay_png
 
@@ -56,7 +57,7 @@ def occlusion_saliency(
     output_dir: str,
     mask_size: int | Sequence[int] = 10,
     overlap: float = 0.25,
-    mode: str = "mean_img",
+    mode: str = "gaussian",
     n_batch: int = 8,
     device: str | torch.device = "cpu",
 ) -> dict:
@@ -69,7 +70,8 @@ def occlusion_saliency(
         output_dir: results go to ``<output_dir>/saliency``.
         mask_size: occluding cube, voxels of the preprocessed grid (the reference: 10).
         overlap: overlap of neighbouring occlusions (the reference: 0.25).
-        mode: what fills the occluded cube (MONAI: ``gaussian``, ``mean_patch``, ``mean_img`` or a value).
+        mode: what fills the occluded cube (MONAI: ``gaussian``, the default there and in CT-FM,
+            ``mean_patch``, ``mean_img`` or a value).
         n_batch: occluded volumes per forward pass.
         device: where the encoder runs.
 
@@ -130,3 +132,28 @@ def occlusion_saliency(
         f"saliency map -> {nifti} (max {readable(summary['max'])} at {np.round(summary['peak_world'], 1).tolist()} mm)"
     )
     return summary
+
+
+def saliency_maps(*, input: str, dataset_dir: str = "", output_dir: str, **kwargs) -> list[dict]:
+    """:func:`occlusion_saliency` of every scan of ``input`` (a file, DICOM folder, glob or datalist).
+
+    A scan that cannot be read or mapped is named in the log and in
+    ``<output_dir>/saliency/errors.csv``; the others go on.
+
+    Args:
+        input: the scans.
+        dataset_dir: base of relative datalist paths.
+        output_dir: results go to ``<output_dir>/saliency``.
+        kwargs: the other arguments of :func:`occlusion_saliency`.
+
+    Returns:
+        The summaries of the scans mapped.
+    """
+    sources = [str(item["image"]) for item in resolve_input(input, dataset_dir=dataset_dir or None)]
+    done = run_each(
+        sources,
+        lambda i: occlusion_saliency(input=sources[i], output_dir=output_dir, **kwargs),
+        errors_file=Path(output_dir) / "saliency" / "errors.csv",
+        what="map the saliency of this scan",
+    )
+    return [summary for _, summary in done]

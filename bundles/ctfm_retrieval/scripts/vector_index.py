@@ -46,6 +46,7 @@ SETTING_KEYS = (
     "spacing",
     "orientation",
     "hu_range",
+    "foreground_hu",
     "init_filters",
     "encoder_ckpt",
     "encoder_sha256",

@@ -38,13 +38,17 @@ from torch import nn
 from .ctfm_common import encoder as enc
 
 #: Named HU windows ``(low, high)``; ``ctfm`` is the shared preprocessing contract.
+# [low, high] HU; blood, subdural, stroke and bone are CT-FM's (evaluation/sinoct.yaml: ScaleIntensityRanged
+# a_min / a_max)
 HU_WINDOWS: dict[str, tuple[float, float]] = {
     "ctfm": (-1024.0, 2048.0),
-    "brain": (0.0, 80.0),  # W 80 / L 40
-    "subdural": (-20.0, 180.0),  # W 200 / L 80
-    "stroke": (20.0, 60.0),  # W 40 / L 40
-    "bone": (-800.0, 2000.0),  # W 2800 / L 600
+    "blood": (0.0, 80.0),  # W 80 / L 40
+    "brain": (0.0, 80.0),  # the same range under its usual radiology name
+    "subdural": (-125.0, 175.0),  # W 300 / L 25
+    "stroke": (28.0, 36.0),  # W 8 / L 32
+    "bone": (-900.0, 2100.0),  # W 3000 / L 600
 }
+REFERENCE_WINDOWS = ("blood", "subdural", "stroke", "bone")
 
 FIRST_CONV_KEY = "conv_init.weight"
 
@@ -83,17 +87,22 @@ def resolve_windows(windows: Sequence[str | Sequence[float]] | str) -> list[tupl
 
 
 class HUWindowsd(MapTransform):
-    """Stack HU windows as channels: each clipped to ``[low, high]`` and scaled to [0, 1].
+    """Stack HU windows: each clipped to ``[low, high]`` and scaled to [0, 1].
 
     Args:
         keys: image keys (1-channel HU images, channel first).
         windows: window names or ``[low, high]`` pairs (see :data:`HU_WINDOWS`).
+        dim: where the windows are stacked: 0, as channels (ours); 1, along the first spatial axis
+            (S in SPL), as CT-FM's ``ConcatItemsd(dim=1)`` did, one channel of ``len(windows)`` x D slices.
         allow_missing_keys: as for MONAI map transforms.
     """
 
     def __init__(self, keys: KeysCollection, windows: Sequence[str | Sequence[float]] | str = ("ctfm",),
-                 allow_missing_keys: bool = False) -> None:
+                 dim: int = 0, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
+        if int(dim) not in (0, 1):
+            raise ValueError(f"HU windows stack along dim 0 (channels) or 1 (the first spatial axis), got {dim}")
+        self.dim = int(dim)
         self.scalers = [ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
                         for low, high in resolve_windows(windows)]
 
@@ -104,7 +113,7 @@ class HUWindowsd(MapTransform):
             if image.shape[0] != 1:
                 raise ValueError(f"HUWindowsd expects a 1-channel HU image for '{key}', got shape {tuple(image.shape)}")
             channels = [scale(image) for scale in self.scalers]
-            d[key] = channels[0] if len(channels) == 1 else torch.cat(channels, dim=0)  # MetaTensor keeps the affine
+            d[key] = channels[0] if len(channels) == 1 else torch.cat(channels, dim=self.dim)  # keeps the affine
         return d
 
 
