@@ -44,7 +44,7 @@ def test_hub_readme_carries_the_bundle_model_card():
     import hub
 
     meta = json.loads((BUNDLES_DIR / "ctfm_wholebody_seg" / "configs" / "metadata.json").read_text())
-    readme = hub.model_card(meta, "ctfm_wholebody_seg", {"architecture": "SegResNetDS", "init_filters": 32},
+    readme = hub.model_card(meta, "ctfm_wholebody_seg", "SegResNetDS", {"init_filters": 32},
                             "OWNER/NAME", "model.pt", "0" * 64)
     assert hub.bundle_model_card(BUNDLES_DIR / "ctfm_wholebody_seg") in readme
     for name in SECTIONS:
