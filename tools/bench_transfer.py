@@ -75,15 +75,16 @@ from ctfm_common.runtime import atomic_write, atomic_write_text  # noqa: E402
 #: Sizes of a run (data only). ``cpu`` is the documented default (about 15 minutes on 2 idle CPU
 #: cores); ``small`` about a third of it (for a loaded machine); ``tiny`` is the CI smoke test of
 #: the command; ``gpu`` is the device run: the contract's encoder width (init_filters 32), the
-#: recipe's crops, spacing and learning rates. The miniature sizes use learning rate 1e-3 for
-#: pretraining and for the decoder (fixed before any result: tens of steps instead of the
-#: recipe's 250k move the weights too little at the recipe's 1e-4).
+#: recipe's crops, spacing and learning rates. Pretraining keeps the recipe's learning rate
+#: (1e-4, no warm-up at these step counts: 1e-3 collapsed the embeddings to one point within
+#: a few steps, the loss stuck at log(candidates)); the decoder of the few-shot probe uses 1e-3
+#: at the miniature sizes (tens of steps instead of the recipe's 300 epochs).
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": {
         "seeds": [0], "init_filters": 8, "spacing": [8.0, 8.0, 8.0],
         "body_shape": [40, 40, 24], "head_shape": [32, 32, 20],
         "pretrain_body": 2, "pretrain_head": 2, "pretrain_steps": 2, "pretrain_patch": [16, 16, 16],
-        "num_crops": 2, "pretrain_batch": 2, "crop_scale": [0.33, 1.0], "pretrain_lr": 1e-3, "seg_lr": 1e-3,
+        "num_crops": 2, "pretrain_batch": 2, "crop_scale": [0.33, 1.0], "pretrain_lr": 1e-4, "seg_lr": 1e-3,
         "retrieval_cases": 2, "crop_mm": 96.0, "embed_patch": [16, 16, 16],
         "probe_train_pairs": 3, "probe_test_pairs": 2,
         "seg_shots": [1], "seg_test_cases": 1, "seg_epochs": 1, "seg_patch": [16, 16, 16], "seg_batch": 2,
@@ -93,7 +94,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "seeds": [0, 1, 2], "init_filters": 8, "spacing": [5.0, 5.0, 5.0],
         "body_shape": [64, 64, 48], "head_shape": [48, 48, 32],
         "pretrain_body": 12, "pretrain_head": 12, "pretrain_steps": 60, "pretrain_patch": [32, 32, 32],
-        "num_crops": 4, "pretrain_batch": 2, "crop_scale": [0.33, 1.0], "pretrain_lr": 1e-3, "seg_lr": 1e-3,
+        "num_crops": 4, "pretrain_batch": 2, "crop_scale": [0.33, 1.0], "pretrain_lr": 1e-4, "seg_lr": 1e-3,
         "retrieval_cases": 8, "crop_mm": 100.0, "embed_patch": [32, 32, 32],
         "probe_train_pairs": 12, "probe_test_pairs": 8,
         "seg_shots": [1, 4], "seg_test_cases": 3, "seg_epochs": 8, "seg_patch": [32, 32, 32], "seg_batch": 2,
@@ -103,7 +104,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "seeds": [0, 1, 2], "init_filters": 8, "spacing": [6.0, 6.0, 6.0],
         "body_shape": [56, 56, 40], "head_shape": [40, 40, 28],
         "pretrain_body": 8, "pretrain_head": 8, "pretrain_steps": 30, "pretrain_patch": [24, 24, 24],
-        "num_crops": 2, "pretrain_batch": 2, "crop_scale": [0.33, 1.0], "pretrain_lr": 1e-3, "seg_lr": 1e-3,
+        "num_crops": 4, "pretrain_batch": 1, "crop_scale": [0.33, 1.0], "pretrain_lr": 1e-4, "seg_lr": 1e-3,
         "retrieval_cases": 6, "crop_mm": 100.0, "embed_patch": [24, 24, 24],
         "probe_train_pairs": 8, "probe_test_pairs": 6,
         "seg_shots": [1, 4], "seg_test_cases": 2, "seg_epochs": 5, "seg_patch": [32, 32, 32], "seg_batch": 2,
