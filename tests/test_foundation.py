@@ -355,3 +355,37 @@ def test_every_config_accepts_each_device_spelling(bundle, bundle_path_cleanup):
                     raise AssertionError(f"{[f.name for f in files]}::{name} with device={spelling!r}: {e}") from e
                 checked += 1
     assert checked > 0 or bundle == "ctfm_retrieval"  # its configs hand `device` to torch.device in scripts/
+
+
+RUN_LISTS = ("initialize", "training", "run", "finalize")
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+def test_override_files_override_ids_and_never_retype_a_run_list(bundle):
+    """A config merged after a base (multi_gpu_train.json, evaluate.json, the retrieval variants) never
+    redefines the base's run lists; a multi-GPU file only overrides ids its base has, so the multi-GPU
+    run is the single-device run line for line (seg: the resume keeps the longer schedule)."""
+    from monai.bundle import ConfigParser
+
+    import package_bundles as pb
+
+    bundle_dir = BUNDLES_DIR / bundle
+    for names in pb.config_sets(bundle_dir):
+        if len(names) == 1:
+            own = ConfigParser.load_config_file(str(bundle_dir / names[0]))
+            if "training" in own:  # a base train config: `run` is the training run, not a copy of it
+                assert own.get("run") == "@training", (bundle, names, own.get("run"))
+            continue
+        base = ConfigParser.load_config_file(str(bundle_dir / names[0]))
+        own = ConfigParser.load_config_file(str(bundle_dir / names[1]))
+        retyped = [i for i in RUN_LISTS if i in own and i in base and own[i] != base[i] and i != "run"]
+        assert not retyped, f"{bundle}/{names[1]} redefines the run list(s) {retyped} of {names[0]}"
+        if names[1] == "configs/multi_gpu_train.json":
+            assert not set(own) & set(RUN_LISTS), f"{bundle}/{names[1]} redefines {set(own) & set(RUN_LISTS)}"
+            unknown = sorted(set(own) - set(base))
+            assert not unknown, f"{bundle}/{names[1]} names ids its base config lacks: {unknown}"
+            merged = ConfigParser.load_config_files([str(bundle_dir / n) for n in names])
+            assert merged["training"] == base["training"] and merged["run"] == "@training"
+            assert any("set_determinism(seed=@seed + @rank)" in step for step in merged["training"])
+            if bundle == "ctfm_wholebody_seg":
+                assert any("keep_schedule_length" in step for step in merged["training"])
