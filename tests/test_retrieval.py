@@ -172,8 +172,9 @@ def test_real_ct_embeds(shared_data, embedded):
     tensors, meta = read(embedded["emb"] / "ct_small.safetensors")
     assert meta["source"].endswith("ct_small.nii.gz")
     # 30 x 101 x 122 voxels at 3 mm -> 30 x 301 x 364 (S, P, L) at 3 x 1 x 1 mm (MONAI keeps the end voxel
-    # centres); 8 x 32 x 32 patches side by side, the last of each axis touching the end: 4 x 10 x 12 patches
-    assert tensors["patch_embeddings"].shape == (4 * 10 * 12, 128)
+    # centres), cropped to the body (CropForeground, HU > 0, as CT-FM does) -> 30 x 283 x 353; 8 x 32 x 32
+    # patches side by side, the last of each axis touching the end: 4 x 9 x 12 patches
+    assert tensors["patch_embeddings"].shape == (4 * 9 * 12, 128)
     assert torch.isfinite(tensors["embedding"]).all()
 
 

@@ -126,7 +126,9 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint") -
     return best
 
 
-def prepare_run(ckpt_dir: str | os.PathLike, resume: bool | str, last: str = "", best: str = "") -> None:
+def prepare_run(
+    ckpt_dir: str | os.PathLike, resume: bool | str, last: str = "", best: str = "", starts_from_best: bool = False
+) -> None:
     """The resume rule every train config runs first: a rerun continues, never silently starts over.
 
     - Temporary files that a killed run left behind in ``ckpt_dir`` (Ignite's atomic saves) are
@@ -134,13 +136,16 @@ def prepare_run(ckpt_dir: str | os.PathLike, resume: bool | str, last: str = "",
     - ``resume`` off while ``ckpt_dir`` holds checkpoints of an earlier run: refused, since a
       fresh run would replace them (its first, untrained epoch would become the best model).
     - ``resume`` on, a best model there but no checkpoint to continue from (a run killed
-      between its first best save and its first last save): refused for the same reason.
+      between its first best save and its first last save): refused for the same reason, unless
+      the run starts from that best model's weights (``starts_from_best``: MONAI Label's train task
+      adds a ``CheckpointLoader`` of ``model.pt``), which makes it a fine-tuning of that model.
 
     Args:
         ckpt_dir: where the run writes its checkpoints.
         resume: the config's ``resume`` flag.
         last: the checkpoint a rerun continues from (``""``: the newest ``checkpoint_*.pt``).
         best: the best-so-far model the run replaces only by a better one (``""``: none).
+        starts_from_best: the run loads ``best`` before training (fine-tuning the served model).
 
     Raises:
         UsageError: what is there and how to continue or start fresh, in one line.
@@ -167,7 +172,7 @@ def prepare_run(ckpt_dir: str | os.PathLike, resume: bool | str, last: str = "",
             f"{folder}: holds checkpoints of an earlier run ({names}) and resume is off, so this run would "
             f"replace them; rerun with --resume true to continue it, or {start_fresh}"
         )
-    if not continue_from or not os.path.isfile(continue_from):
+    if (not continue_from or not os.path.isfile(continue_from)) and not as_bool(starts_from_best):
         raise UsageError(
             f"{folder}: holds {names} of an earlier run but no {os.path.basename(last) or 'checkpoint_*.pt'} "
             f"to continue from (it stopped before its first full checkpoint), so this run would replace "
