@@ -232,14 +232,14 @@ class CastOutput(nn.Module):
 
     Args:
         network: the segmentation network.
-        dtype: dtype of the returned logits.
+        dtype: dtype of the returned logits (``None``: the network's, in its memory format).
         batch_size: windows per network call (0: all the inferer gives at once).
         channels_last: feed the patches in ``torch.channels_last_3d`` memory format (the network
             must have been converted too); faster 3D convolutions on CPUs (oneDNN) and GPUs.
         autocast: context factory the network call runs in (e.g. bf16 autocast).
     """
 
-    def __init__(self, network: nn.Module, dtype: torch.dtype, batch_size: int = 0, channels_last: bool = False,
+    def __init__(self, network: nn.Module, dtype: torch.dtype | None, batch_size: int = 0, channels_last: bool = False,
                  autocast: Callable[[], contextlib.AbstractContextManager] | None = None) -> None:
         super().__init__()
         self.network = network
@@ -256,7 +256,7 @@ class CastOutput(nn.Module):
             out = self.network(x)
         if isinstance(out, (list, tuple)):  # deep supervision: the full-resolution output
             out = out[0]
-        return out.to(self.dtype).contiguous()
+        return out if self.dtype is None else out.to(self.dtype).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Float32 in, ``dtype`` out."""
@@ -379,7 +379,11 @@ def segment_cases(
         network.to(memory_format=torch.channels_last_3d)
     bf16 = amp and (device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()))
     autocast = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if bf16 else None
-    model = CastOutput(network, stitch or torch.float32, int(network_batch_size or 0), channels_last, autocast)
+    slab_argmax = bool(getattr(inferer, "argmax", False))  # scripts.sliding: sums the raw logits in float32
+    if slab_argmax:
+        stitch = None
+    model = CastOutput(network, None if slab_argmax else stitch or torch.float32, int(network_batch_size or 0),
+                       channels_last, autocast)
     logger.info(f"network precision: {'bfloat16 autocast' if bf16 else 'float32'} on {device}")
     paths = [str(item[key]) for item in items]
     cases = case_names(paths)
@@ -406,6 +410,7 @@ def segment_cases(
                 data[pred_key] = logits[0]  # argmax next: no float32 copy of every channel
                 del inputs, logits
                 stages["infer_s"] = _lap(start, device, stages)
+                detail = {f"infer_{k}": v for k, v in getattr(inferer, "timings", {}).items()}  # part of infer_s
                 data = postprocessing(data)
             pred = data[pred_key]
             labels = np.asarray(pred.detach().cpu())[0].round().astype(np.int32)
@@ -430,7 +435,7 @@ def segment_cases(
 
                 outputs["dicom_seg"] = str(write_dicom_seg(labels, affine, source, folder / f"{case}_seg.dcm", names))
             record.update(status="ok", outputs=outputs, seconds=round(time.perf_counter() - start, 2),
-                          structures=int((np.unique(labels) > 0).sum()), stages=stages)
+                          structures=int((np.unique(labels) > 0).sum()), stages={**stages, **detail})
             logger.info(
                 f"{case}: wrote {outputs['label_map']} ({record['structures']} structures, {record['seconds']} s)"
             )
