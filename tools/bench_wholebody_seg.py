@@ -80,8 +80,8 @@ def _network(init_filters: int, num_classes: int):
 
 
 def _plain(*, image: str, weights: str, output_dir: str, init_filters: int, num_classes: int, spacing: list,
-           roi_size: list, sw_batch_size: int, overlap: float, device: str, network=None) -> tuple[float, object]:
-    """Plain MONAI pipeline; returns the seconds from read to write."""
+           roi_size: list, sw_batch_size: int, overlap: float, device: str, network=None) -> tuple[float, object, dict]:
+    """Plain MONAI pipeline; returns the seconds from read to write, the network and the seconds per stage."""
     import numpy as np
     import torch
     from monai.inferers import SlidingWindowInferer
@@ -107,12 +107,26 @@ def _plain(*, image: str, weights: str, output_dir: str, init_filters: int, num_
                    separate_folder=False, print_log=False),
     ])
     inferer = SlidingWindowInferer(roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian")
+    network_s = [0.0]
+
+    def timed_network(x):  # the network alone, to split the sliding window's time from its stitching
+        begin = time.perf_counter()
+        out = network(x)
+        network_s[0] += time.perf_counter() - begin
+        return out
+
     start = time.perf_counter()
+    stages = {}
     with torch.no_grad():
         data = pre({"image": image})
-        data["pred"] = inferer(data["image"].unsqueeze(0).to(device), network)[0]
-        post(data)
-    return time.perf_counter() - start, network
+        stages["read_preprocess_s"] = round(time.perf_counter() - start, 3)
+        data["pred"] = inferer(data["image"].unsqueeze(0).to(device), timed_network)[0]
+        stages["infer_s"] = round(time.perf_counter() - start - sum(stages.values()), 3)
+        for name, transform in zip(("softmax_s", "argmax_s", "invert_s", "write_s"), post.transforms):
+            data = transform(data)
+            stages[name] = round(time.perf_counter() - start - sum(stages.values()), 3)
+    stages["infer_network_s"] = round(network_s[0], 3)  # part of infer_s
+    return time.perf_counter() - start, network, stages
 
 
 def _bundle(*, image: str, weights: str, output_dir: str, init_filters: int, num_classes: int, preset: str,
@@ -178,11 +192,11 @@ def run_pipeline(*, pipeline: str, image: str, weights: str, output_dir: str, in
     if pipeline == "plain":
         runs, network = [], None
         for repeat in range(repeats):
-            seconds, network = _plain(image=image, weights=weights, output_dir=str(Path(output_dir) / f"repeat{repeat}"),
+            seconds, network, stages = _plain(image=image, weights=weights, output_dir=str(Path(output_dir) / f"repeat{repeat}"),
                                       init_filters=init_filters, num_classes=num_classes, spacing=spacing,
                                       roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, device=dev,
                                       network=network)
-            runs.append({"seconds": round(seconds, 3)})
+            runs.append({"seconds": round(seconds, 3), "stages": stages})
     elif pipeline in ("bundle", "fast"):
         preset_overrides = {"spacing": spacing, "roi_size": roi_size, "overlap": overlap} if pipeline == "bundle" else {}
         extra = json.loads(overrides) if isinstance(overrides, str) and overrides else dict(overrides or {})
