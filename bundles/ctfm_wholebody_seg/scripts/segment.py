@@ -382,6 +382,8 @@ def segment_cases(
     slab_argmax = bool(getattr(inferer, "argmax", False))  # scripts.sliding: sums the raw logits in float32
     if slab_argmax:
         stitch = None
+        if network_batch_size:  # windows go through the network that many at a time anyway: no joined copy of their logits
+            inferer.sw_batch_size = min(int(inferer.sw_batch_size), int(network_batch_size))
     model = CastOutput(network, None if slab_argmax else stitch or torch.float32, int(network_batch_size or 0),
                        channels_last, autocast)
     logger.info(f"network precision: {'bfloat16 autocast' if bf16 else 'float32'} on {device}")

@@ -62,6 +62,7 @@ class SlabArgmaxInferer(SlidingWindowInferer):
                          sigma_scale=sigma_scale, padding_mode=padding_mode, cval=cval, sw_device=sw_device,
                          device=device, progress=progress, **kwargs)
         self.argmax = bool(argmax)
+        self.chunk = 8  # slices per multiply-add
         self.timings: dict[str, float] = {}
 
     def __call__(self, inputs: torch.Tensor, network: Callable, *args, **kwargs) -> torch.Tensor:
@@ -125,8 +126,10 @@ class SlabArgmaxInferer(SlidingWindowInferer):
                 if slab is None:
                     slab = torch.zeros((depth, *padded[1:], logits.shape[0]), dtype=torch.float32, device=sw_device)
                 finish(s[0].start)
-                rows = (slice(s[0].start - low, s[0].stop - low), *s[1:])
-                slab[rows].addcmul_(logits.permute(*range(1, dims + 1), 0), weight)  # no copy for channels-last
+                logits = logits.permute(*range(1, dims + 1), 0)  # (d, h, w, K): no copy for channels-last
+                for z in range(0, depth, self.chunk):  # in chunks: the float32 cast of a bf16 chunk stays small
+                    rows = (slice(s[0].start - low + z, min(s[0].stop, s[0].start + z + self.chunk) - low), *s[1:])
+                    slab[rows].addcmul_(logits[z : z + self.chunk], weight[z : z + self.chunk])
             self.timings["stitch_s"] += time.perf_counter() - start
         start = time.perf_counter()
         finish(padded[0])
