@@ -80,8 +80,8 @@ def _network(init_filters: int, num_classes: int):
 
 
 def _plain(*, image: str, weights: str, output_dir: str, init_filters: int, num_classes: int, spacing: list,
-           roi_size: list, sw_batch_size: int, overlap: float, device: str, network=None) -> tuple[float, object]:
-    """Plain MONAI pipeline; returns the seconds from read to write."""
+           roi_size: list, sw_batch_size: int, overlap: float, device: str, network=None) -> tuple[float, object, dict]:
+    """Plain MONAI pipeline; returns the seconds from read to write, the network and the seconds per stage."""
     import numpy as np
     import torch
     from monai.inferers import SlidingWindowInferer
@@ -107,12 +107,26 @@ def _plain(*, image: str, weights: str, output_dir: str, init_filters: int, num_
                    separate_folder=False, print_log=False),
     ])
     inferer = SlidingWindowInferer(roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian")
+    network_s = [0.0]
+
+    def timed_network(x):  # the network alone, to split the sliding window's time from its stitching
+        begin = time.perf_counter()
+        out = network(x)
+        network_s[0] += time.perf_counter() - begin
+        return out
+
     start = time.perf_counter()
+    stages = {}
     with torch.no_grad():
         data = pre({"image": image})
-        data["pred"] = inferer(data["image"].unsqueeze(0).to(device), network)[0]
-        post(data)
-    return time.perf_counter() - start, network
+        stages["read_preprocess_s"] = round(time.perf_counter() - start, 3)
+        data["pred"] = inferer(data["image"].unsqueeze(0).to(device), timed_network)[0]
+        stages["infer_s"] = round(time.perf_counter() - start - sum(stages.values()), 3)
+        for name, transform in zip(("softmax_s", "argmax_s", "invert_s", "write_s"), post.transforms):
+            data = transform(data)
+            stages[name] = round(time.perf_counter() - start - sum(stages.values()), 3)
+    stages["infer_network_s"] = round(network_s[0], 3)  # part of infer_s
+    return time.perf_counter() - start, network, stages
 
 
 def _bundle(*, image: str, weights: str, output_dir: str, init_filters: int, num_classes: int, preset: str,
@@ -143,7 +157,8 @@ def _bundle(*, image: str, weights: str, output_dir: str, init_filters: int, num
 def run_pipeline(*, pipeline: str, image: str, weights: str, output_dir: str, init_filters: int = 32,
                  num_classes: int = 118, spacing: str | Sequence[float] = "1.5,1.5,1.5",
                  roi_size: str | Sequence[int] = "96,160,160", sw_batch_size: int = 2, overlap: float = 0.625,
-                 threads: int = 2, device: str = "", amp: bool = True, repeats: int = 1) -> dict:
+                 threads: int = 2, device: str = "", amp: bool = True, repeats: int = 1,
+                 overrides: str = "") -> dict:
     """Run one pipeline on one image in this process and print its result (the subprocess side).
 
     Args:
@@ -162,6 +177,8 @@ def run_pipeline(*, pipeline: str, image: str, weights: str, output_dir: str, in
         amp: bf16 autocast of the bundle on CUDA (the plain pipeline stays float32).
         repeats: runs in this process (on a GPU the first one pays for CUDA and cuDNN warm-up);
             ``seconds`` is the last one's.
+        overrides: JSON object of further ``inference.json`` ids for ``bundle`` / ``fast``
+            (e.g. ``{"slab_argmax": false}``).
 
     Returns:
         ``{"pipeline", "seconds", "peak_rss_gb", "output", "runs"}`` (also printed after ``BENCH_RESULT``).
@@ -175,24 +192,27 @@ def run_pipeline(*, pipeline: str, image: str, weights: str, output_dir: str, in
     if pipeline == "plain":
         runs, network = [], None
         for repeat in range(repeats):
-            seconds, network = _plain(image=image, weights=weights, output_dir=str(Path(output_dir) / f"repeat{repeat}"),
+            seconds, network, stages = _plain(image=image, weights=weights, output_dir=str(Path(output_dir) / f"repeat{repeat}"),
                                       init_filters=init_filters, num_classes=num_classes, spacing=spacing,
                                       roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, device=dev,
                                       network=network)
-            runs.append({"seconds": round(seconds, 3)})
+            runs.append({"seconds": round(seconds, 3), "stages": stages})
     elif pipeline in ("bundle", "fast"):
         preset_overrides = {"spacing": spacing, "roi_size": roi_size, "overlap": overlap} if pipeline == "bundle" else {}
+        extra = json.loads(overrides) if isinstance(overrides, str) and overrides else dict(overrides or {})
         runs = _bundle(image=image, weights=weights, output_dir=output_dir, init_filters=init_filters,
                        num_classes=num_classes, preset="full" if pipeline == "bundle" else "fast",
                        overrides={**preset_overrides, "sw_batch_size": sw_batch_size,
-                                  "device": f"$torch.device('{dev}')", "amp": amp},
+                                  "device": f"$torch.device('{dev}')", "amp": amp, **extra},
                        repeats=repeats)
     else:
         raise ValueError(f"unknown pipeline {pipeline!r}: use plain, bundle or fast")
     seconds = runs[-1]["seconds"]
     outputs = sorted(str(p) for p in Path(output_dir).rglob("*_seg.nii.gz"))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     result = {"pipeline": pipeline, "seconds": round(seconds, 2), "peak_rss_gb": round(_peak_rss_gb(), 2),
-              "output": outputs[0] if outputs else None, "runs": runs, "device": str(dev)}
+              "output": outputs[0] if outputs else None, "runs": runs, "device": str(dev),
+              "process_cpu_s": round(usage.ru_utime + usage.ru_stime, 1)}
     if dev.type == "cuda":
         result["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated(dev) / 1024**3, 2)
     print(RESULT_TAG + json.dumps(result), flush=True)
@@ -303,6 +323,7 @@ def bench_wholebody_seg(
     sw_batch_size: int = 2,
     overlap: float = 0.25,
     pipelines: str | Sequence[str] = "bundle,fast,plain",
+    variants: str | dict = "",
     threads: int = 2,
     device: str = "",
     amp: bool = True,
@@ -327,7 +348,10 @@ def bench_wholebody_seg(
         sw_batch_size: windows per network call.
         overlap: sliding-window overlap of ``plain`` and ``bundle`` (the issue's CPU figure: 0.25;
             the reference inference setting: 0.625).
-        pipelines: comma-separated subset of ``bundle,fast,plain``, run in that order.
+        pipelines: comma-separated subset of ``bundle,fast,plain`` and the ``variants``' names, run
+            in that order.
+        variants: JSON object ``{name: {inference.json id: value}}``: more runs of the bundle's full
+            preset with those ids overridden, e.g. ``{"bundle_monai_stitch": {"slab_argmax": false}}``.
         threads: torch intra-op threads of each pipeline.
         device: ``cuda`` or ``cpu`` for every pipeline (default: cuda when available).
         amp: bf16 autocast of the bundle on CUDA (``plain`` is always float32, as the reference).
@@ -364,26 +388,37 @@ def bench_wholebody_seg(
                 "init_filters": init_filters, "num_classes": num_classes, "roi_size": _as_list(roi_size, int),
                 "sw_batch_size": sw_batch_size, "overlap": overlap, "threads": threads,
                 "weights": "random init (speed and memory only)"}
+    variants = json.loads(variants) if isinstance(variants, str) and variants else dict(variants or {})
+    settings["variants"] = variants
+    settings["command"] = " ".join(sys.argv)
+    settings["cpu"] = _cpu_name()
+    settings["cpu_count"] = os.cpu_count()
+    settings["torch"] = torch.__version__
     results = []
     for pipeline in _as_list(pipelines):
         out_dir = work / f"out_{pipeline}"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "pipeline", f"--pipeline={pipeline}",
+        kind = "bundle" if pipeline in variants else pipeline
+        cmd = [sys.executable, str(Path(__file__).resolve()), "pipeline", f"--pipeline={kind}",
                f"--image={image}", f"--weights={weights}", f"--output_dir={out_dir}", f"--init_filters={init_filters}",
                f"--num_classes={num_classes}", f"--spacing={','.join(str(float(spacing)) for _ in range(3))}",
                f"--roi_size={','.join(str(v) for v in _as_list(roi_size, int))}", f"--sw_batch_size={sw_batch_size}",
                f"--overlap={overlap}", f"--threads={threads}", f"--device={device}", f"--amp={amp}",
-               f"--repeats={repeats}"]
+               f"--repeats={repeats}", f"--overrides={variants.get(pipeline, {})!r}"]  # a Python literal: fire keeps its booleans
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": os.pathsep.join(
             [str(BUNDLE_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
         print(f"running {pipeline} ...", flush=True)
         wall = time.perf_counter()
+        load_before = os.getloadavg()
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
         lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_TAG)]
         if proc.returncode or not lines:
             result = {"pipeline": pipeline, "error": (proc.stderr or proc.stdout)[-2000:]}
         else:
             result = json.loads(lines[-1][len(RESULT_TAG):])
+            result["pipeline"] = pipeline
             result["process_wall_s"] = round(time.perf_counter() - wall, 2)
+        result["load_average_1_5_15"] = {"before": [round(v, 2) for v in load_before],
+                                         "after": [round(v, 2) for v in os.getloadavg()]}
         print(json.dumps(result), flush=True)
         results.append(result)
         if output:  # after every pipeline, so a run stopped by a time limit still leaves its figures
@@ -399,9 +434,43 @@ def bench_wholebody_seg(
     if "plain" in by_name and "bundle" in by_name:
         report["bundle_speedup"] = round(by_name["plain"]["seconds"] / by_name["bundle"]["seconds"], 2)
         report["bundle_memory_ratio"] = round(by_name["bundle"]["peak_rss_gb"] / by_name["plain"]["peak_rss_gb"], 2)
+    if "plain" in by_name:
+        plain = by_name["plain"]
+        report["vs_plain"] = {
+            name: {"time_ratio": round(r["seconds"] / plain["seconds"], 3),
+                   "cpu_time_ratio": round(r["process_cpu_s"] / plain["process_cpu_s"], 3)
+                   if r.get("process_cpu_s") and plain.get("process_cpu_s") else None,
+                   "peak_rss_gb": r["peak_rss_gb"],
+                   "same_label_fraction": label_agreement(r["output"], plain["output"])
+                   if name != "fast" and r.get("output") and plain.get("output") else None}
+            for name, r in by_name.items() if name != "plain"
+        }
     if output:
         atomic_write_text(output, json.dumps(report, indent=2) + "\n")
     return report
+
+
+def label_agreement(path_a: str, path_b: str) -> float:
+    """Fraction of voxels where two label maps on the same grid hold the same label."""
+    import nibabel as nib
+    import numpy as np
+
+    a, b = (np.asarray(nib.load(p).dataobj) for p in (path_a, path_b))
+    if a.shape != b.shape:
+        raise ValueError(f"{path_a} {a.shape} and {path_b} {b.shape}: not the same grid")
+    return round(float((a == b).mean()), 5)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
 
 
 FAST_PRESET_SPACING = (3.0, 3.0, 3.0)  # keep in step with "presets" in configs/inference.json

@@ -360,7 +360,7 @@ class CastOutput(nn.Module):
 
     Args:
         network: the segmentation network.
-        dtype: dtype of the returned logits.
+        dtype: dtype of the returned logits (``None``: the network's, in its memory format).
         batch_size: windows per network call (0: all the inferer gives at once).
         channels_last: feed the patches in ``torch.channels_last_3d`` memory format (the network
             must have been converted too); faster 3D convolutions on CPUs (oneDNN) and GPUs.
@@ -371,7 +371,7 @@ class CastOutput(nn.Module):
             sliding window stitches ``len(keep_channels) + 2`` channels instead of all of them.
     """
 
-    def __init__(self, network: nn.Module, dtype: torch.dtype, batch_size: int = 0, channels_last: bool = False,
+    def __init__(self, network: nn.Module, dtype: torch.dtype | None, batch_size: int = 0, channels_last: bool = False,
                  autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
                  keep_channels: Sequence[int] | None = None) -> None:
         super().__init__()
@@ -396,7 +396,7 @@ class CastOutput(nn.Module):
             if others:
                 parts.append(out[:, others].amax(dim=1, keepdim=True))
             out = torch.cat(parts, dim=1)
-        return out.to(self.dtype).contiguous()
+        return out if self.dtype is None else out.to(self.dtype).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Float32 in, ``dtype`` out."""
@@ -536,8 +536,13 @@ def segment_cases(
         network.to(memory_format=torch.channels_last_3d)
     bf16 = amp and (device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()))
     autocast = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if bf16 else None
-    model = CastOutput(network, stitch or torch.float32, int(network_batch_size or 0), channels_last, autocast,
-                       keep_channels=subset)
+    slab_argmax = bool(getattr(inferer, "argmax", False))  # scripts.sliding: sums the raw logits in float32
+    if slab_argmax:
+        stitch = None
+        if network_batch_size:  # windows go through the network that many at a time anyway: no joined copy of their logits
+            inferer.sw_batch_size = min(int(inferer.sw_batch_size), int(network_batch_size))
+    model = CastOutput(network, None if slab_argmax else stitch or torch.float32, int(network_batch_size or 0),
+                       channels_last, autocast, keep_channels=subset)
     logger.info(f"network precision: {'bfloat16 autocast' if bf16 else 'float32'} on {device}")
     paths = [str(item[key]) for item in items]
     with file_lock(output_dir / "summary.json"):  # names of earlier runs' cases are taken
@@ -567,6 +572,7 @@ def segment_cases(
                 data[pred_key] = logits[0]  # argmax next: no float32 copy of every channel
                 del inputs, logits
                 stages["infer_s"] = _lap(start, device, stages)
+                detail = {f"infer_{k}": v for k, v in getattr(inferer, "timings", {}).items()}  # part of infer_s
                 data = postprocessing(data)
             pred = data[pred_key]
             labels = np.asarray(pred.detach().cpu())[0].round().astype(np.int32)
@@ -603,7 +609,7 @@ def segment_cases(
                     write_dicom_seg(labels, affine, source, folder / f"{case}_seg.dcm", names, version=version)
                 )
             record.update(status="ok", outputs=outputs, seconds=round(time.perf_counter() - start, 2),
-                          structures=int((np.unique(labels) > 0).sum()), stages=stages)
+                          structures=int((np.unique(labels) > 0).sum()), stages={**stages, **detail})
             logger.info(
                 f"{case}: wrote {outputs['label_map']} ({record['structures']} structures, {record['seconds']} s)"
             )
