@@ -345,7 +345,9 @@ def test_every_train_config_runs_the_same_resume_rule_first(bundle, last, best, 
         assert parser["resume"] is True, "a rerun continues by default"
         for run_id in ("training", "run"):
             steps = parser[run_id] if isinstance(parser[run_id], list) else parser[run_id.replace("run", "training")]
-            first = next(s for s in steps if "prepare_run" in s or "set_determinism" in s)
+            # before anything is loaded, attached or run (seeding may come first: seg's resume rule looks at
+            # the handlers, whose network must be built after seeding)
+            first = next(s for s in steps if any(k in s for k in ("prepare_run", "load_", "attach(", "run_engine")))
             assert "scripts.checkpoint.prepare_run(@ckpt_dir, @resume" in first, (configs, run_id, steps)
             if best:
                 assert "best=@ckpt" in first and parser.get_parsed_content("ckpt").endswith(best)
