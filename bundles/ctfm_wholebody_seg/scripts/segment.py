@@ -35,7 +35,7 @@ from torch import nn
 
 from .ctfm_common import encoder as shared_encoder
 from .ctfm_common.inputs import case_names
-from .ctfm_common.runtime import as_bool, atomic_write, cpu_has_native_bf16, file_lock
+from .ctfm_common.runtime import as_bool, atomic_write, atomic_write_text, cpu_has_native_bf16, file_lock
 from .ctfm_common.display import ras_voxel_sizes  # noqa: F401  (the preview's voxel sizes, re-exported)
 from .ctfm_common.validate import describe_failure
 from .labels import display_colours, read_label_names
@@ -112,7 +112,7 @@ def merge_summary(path: Path, results: Sequence[Mapping]) -> dict:
         merged = list(cases.values())
         ok = sum(c.get("status") == "ok" for c in merged)
         summary = {"num_ok": ok, "num_failed": len(merged) - ok, "cases": merged}
-        write_bytes_atomic((json.dumps(summary, indent=2) + "\n").encode(), path)
+        atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -184,7 +184,7 @@ def write_colour_table(names: Mapping[int, str], colours: Mapping[int, Sequence[
     lines = ["# CT-FM whole-body segmentation: label value, structure name, display colour (R G B A, 0-255)",
              "0 background 0 0 0 0"]
     lines += [f"{i} {names[i]} {' '.join(str(int(c)) for c in colours[i])} 255" for i in sorted(colours) if i in names]
-    return write_bytes_atomic(("\n".join(lines) + "\n").encode(), Path(path))
+    return atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def write_seg_nrrd(
