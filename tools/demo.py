@@ -172,9 +172,9 @@ SEG_STRUCTURES: tuple[str, ...] = ("lung_left", "lung_right", "heart", "liver", 
 #: Body phantoms written for the segmentation training (the last one validates).
 SEG_TRAIN_CASES = 6
 #: The demo's segmentation grid (mm) and patch (voxels): the whole phantom torso in one patch.
-SEG_SPACING, SEG_PATCH = [8, 8, 8], [48, 48, 48]
+SEG_SPACING, SEG_PATCH = [12, 12, 12], [32, 32, 32]
 #: Epochs and learning rate of the demo's segmentation training.
-SEG_EPOCHS, SEG_LR = 15, 0.01
+SEG_EPOCHS, SEG_LR = 40, 0.002
 
 
 def phantom_to_totalseg_map(structures: tuple[str, ...] = SEG_STRUCTURES) -> dict[str, int]:
@@ -205,7 +205,7 @@ def build_steps(out: Path, data: dict[str, Path], init_filters: int) -> list[Ste
             "ctfm_wholebody_seg", ["train.json"], "training",
             dict(small, dataset_dir=str(data["body"].parent), datalist=str(data["body"]), encoder_ckpt=str(encoder),
                  output_dir=str(seg / "train"), ckpt_dir=str(seg / "models"), label_map=phantom_to_totalseg_map(), num_classes=118,
-                 spacing=SEG_SPACING, patch_size=SEG_PATCH, max_epochs=SEG_EPOCHS, val_interval=SEG_EPOCHS,
+                 spacing=SEG_SPACING, patch_size=SEG_PATCH, max_epochs=SEG_EPOCHS, val_interval=5,
                  learning_rate=SEG_LR, train_dice=False, batch_size=1),
             {"segmentation model": seg / "models" / "model.pt"},
         ),
