@@ -14,7 +14,10 @@ On a phantom CT by default, or on the user's CT (``--ct``: a NIfTI/NRRD file or 
 series folder). Training steps run on small phantom corpora (the user's CT joins the
 pretraining corpus), at demo scale (``init_filters`` 8, a few iterations), so the job
 finishes in minutes on a laptop CPU: the weights it trains show the pipeline, they are not
-models. Each step's log is written beside its outputs.
+models. What they learned is measured on held-out phantoms (never trained on) by the bundles'
+own evaluation configs and printed at the end (and written to ``summary.json``): segmentation
+Dice per structure, triage AUC with its bootstrap 95% CI, retrieval precision@1 of body vs head.
+Each step's log is written beside its outputs.
 
 Usage::
 
@@ -41,6 +44,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import phantom  # noqa: E402
 
 from ctfm_common.inputs import case_name, resolve_input  # noqa: E402
+from ctfm_common.runtime import atomic_write_text  # noqa: E402
 
 
 def cli_value(value) -> str:
@@ -100,18 +104,39 @@ def run_step(step: Step, log_dir: Path) -> float:
     return seconds
 
 
+def _all_in_validation(datalist: Path) -> Path:
+    """Move every item of a phantom datalist to its ``validation`` section (a held-out test set)."""
+    content = json.loads(datalist.read_text())
+    content["validation"] = content.pop("training", []) + content.get("validation", [])
+    content["training"], content["numTraining"] = [], 0
+    datalist.write_text(json.dumps(content, indent=2))
+    return datalist
+
+
 def prepare_data(out: Path, ct: str | None, seed: int) -> dict[str, Path]:
-    """Write the phantom corpora (and the phantom CT when the user gave none)."""
+    """Write the phantom corpora, the held-out phantoms (and the phantom CT when the user gave none).
+
+    Held-out phantoms have seeds of their own and are never trained on: the demo's learning figures
+    (segmentation Dice, triage AUC, retrieval precision@1) are measured on them.
+    """
     data = out / "data"
+    body_grid = {"shape": (64, 64, 48), "spacing": (6.0, 6.0, 8.0)}
+    head_grid = {"shape": (64, 64, 32), "spacing": (3.0, 3.0, 5.0)}
     paths = {
-        "body": Path(phantom.make_dataset(output_dir=str(data / "body"), num_cases=4, kind="body", seed=seed,
-                                          shape=(64, 64, 48), spacing=(6.0, 6.0, 8.0))),
+        "body": Path(phantom.make_dataset(output_dir=str(data / "body"), num_cases=SEG_TRAIN_CASES, kind="body",
+                                          seed=seed, **body_grid)),
         "head": Path(phantom.make_dataset(output_dir=str(data / "head"), num_cases=8, kind="head", seed=seed,
-                                          shape=(64, 64, 32), spacing=(3.0, 3.0, 5.0), lesion_fraction=0.5)),
+                                          lesion_fraction=0.5, **head_grid)),
+        # held out from every training step
+        "heldout_body": _all_in_validation(Path(phantom.make_dataset(
+            output_dir=str(data / "heldout_body"), num_cases=2, kind="body", seed=seed + 1000,
+            shape=(96, 96, 64), spacing=(4.0, 4.0, 5.0)))),
+        "heldout_head": _all_in_validation(Path(phantom.make_dataset(
+            output_dir=str(data / "heldout_head"), num_cases=8, kind="head", seed=seed + 2000, lesion_fraction=0.5,
+            **head_grid))),
     }
     paths["head_case"] = data / "head_test_lesion.nii.gz"
-    phantom.write_head_phantom(output=str(paths["head_case"]), lesion=True, shape=(64, 64, 32), spacing=(3.0, 3.0, 5.0),
-                               seed=seed + 2000)
+    phantom.write_head_phantom(output=str(paths["head_case"]), lesion=True, seed=seed + 2000, **head_grid)
     if ct is None:
         ct_path = data / "phantom_ct.nii.gz"
         phantom.write_body_phantom(output=str(ct_path), shape=(96, 96, 64), spacing=(4.0, 4.0, 5.0), seed=seed + 1000)
@@ -125,19 +150,36 @@ def prepare_data(out: Path, ct: str | None, seed: int) -> dict[str, Path]:
     corpus.append({"image": str(paths["ct"])})
     paths["corpus"] = data / "pretrain_corpus.json"
     paths["corpus"].write_text(json.dumps({"training": corpus}, indent=2))
-    # the retrieval database: the CT and every phantom, body and head
+    # the retrieval database: the CT and every phantom, body and head; the held-out phantoms are
+    # labelled body/head for the retrieval evaluation
     database = [{"image": str(paths["ct"])}]
-    for kind in ("body", "head"):
-        database += [{"image": str(p)} for p in sorted((paths[kind].parent / "imagesTr").glob("*.nii.gz"))]
+    kinds = []
+    for kind in ("body", "head", "heldout_body", "heldout_head"):
+        images = [{"image": str(p)} for p in sorted((paths[kind].parent / "imagesTr").glob("*.nii.gz"))]
+        database += images
+        if kind.startswith("heldout"):
+            kinds += [dict(item, label=kind.split("_")[1]) for item in images]
     paths["database"] = data / "retrieval_database.json"
     paths["database"].write_text(json.dumps({"testing": database}, indent=2))
+    paths["retrieval_labels"] = data / "retrieval_heldout_labels.json"
+    paths["retrieval_labels"].write_text(json.dumps({"testing": kinds}, indent=2))
     return paths
 
 
-def phantom_to_totalseg_map() -> dict[str, int]:
-    """Phantom label -> TotalSegmentator v2 index, for training the 118-class head on phantoms."""
-    return {str(phantom.BODY_LABELS[name]): index for name, index in phantom.TOTALSEG_INDEX.items()
-            if name in phantom.BODY_LABELS and index > 0}
+#: The phantom structures the demo's segmentation learns: those larger than 1% of the body
+#: (a few classes train in minutes on a CPU; ribs, kidneys, spleen and aorta are left out).
+SEG_STRUCTURES: tuple[str, ...] = ("lung_left", "lung_right", "heart", "liver", "vertebrae")
+#: Body phantoms written for the segmentation training (the last one validates).
+SEG_TRAIN_CASES = 6
+#: The demo's segmentation grid (mm) and patch (voxels): the whole phantom torso in one patch.
+SEG_SPACING, SEG_PATCH = [12, 12, 12], [32, 32, 32]
+#: Epochs and learning rate of the demo's segmentation training.
+SEG_EPOCHS, SEG_LR = 40, 0.002
+
+
+def phantom_to_totalseg_map(structures: tuple[str, ...] = SEG_STRUCTURES) -> dict[str, int]:
+    """Phantom label -> TotalSegmentator v2 index of ``structures``, for training the 118-class head on phantoms."""
+    return {str(phantom.BODY_LABELS[name]): phantom.TOTALSEG_INDEX[name] for name in structures}
 
 
 def build_steps(out: Path, data: dict[str, Path], init_filters: int) -> list[Step]:
@@ -163,14 +205,23 @@ def build_steps(out: Path, data: dict[str, Path], init_filters: int) -> list[Ste
             "ctfm_wholebody_seg", ["train.json"], "training",
             dict(small, dataset_dir=str(data["body"].parent), datalist=str(data["body"]), encoder_ckpt=str(encoder),
                  output_dir=str(seg / "train"), ckpt_dir=str(seg / "models"), label_map=phantom_to_totalseg_map(), num_classes=118,
-                 spacing=[6, 6, 6], patch_size=[32, 32, 32], max_epochs=2, batch_size=1),
+                 spacing=SEG_SPACING, patch_size=SEG_PATCH, max_epochs=SEG_EPOCHS, val_interval=5,
+                 learning_rate=SEG_LR, train_dice=False, batch_size=1),
             {"segmentation model": seg / "models" / "model.pt"},
+        ),
+        Step(
+            "ctfm_wholebody_seg: Dice on held-out body phantoms",
+            "ctfm_wholebody_seg", ["train.json", "evaluate.json"], "run",
+            dict(small, dataset_dir=str(data["heldout_body"].parent), datalist=str(data["heldout_body"]),
+                 output_dir=str(seg / "eval"), ckpt=str(seg / "models" / "model.pt"), label_map=phantom_to_totalseg_map(),
+                 num_classes=118, spacing=SEG_SPACING, patch_size=SEG_PATCH, sw_batch_size=1),
+            {"segmentation Dice on held-out phantoms (JSON)": seg / "eval" / "metrics.json"},
         ),
         Step(
             f"ctfm_wholebody_seg: segment {case}",
             "ctfm_wholebody_seg", ["inference.json"], "run",
             dict(input=str(ct), output_dir=str(seg / "inference"), ckpt=str(seg / "models" / "model.pt"),
-                 init_filters=init_filters, spacing=[3, 3, 3], roi_size=[64, 64, 64], sw_batch_size=1, overlap=0.25),
+                 init_filters=init_filters, spacing=SEG_SPACING, roi_size=SEG_PATCH, sw_batch_size=1, overlap=0.25),
             {"segmentation (NIfTI)": seg / "inference" / case / f"{case}_seg.nii.gz",
              "segmentation preview (PNG)": seg / "inference" / case / f"{case}_preview.png",
              "structure volumes (CSV)": seg / "inference" / case / f"{case}_structures.csv"},
@@ -189,6 +240,14 @@ def build_steps(out: Path, data: dict[str, Path], init_filters: int) -> list[Ste
             dict(input=str(data["head_case"]), ckpt=str(triage / "models" / "model.pt"), output_dir=str(triage / "pred"),
                  init_filters=init_filters, spacing=[5, 3, 3], roi_size=[16, 32, 32]),
             {"triage predictions (CSV)": triage / "pred" / "predictions.csv"},
+        ),
+        Step(
+            "ctfm_triage: AUC on held-out head phantoms (with/without a bleed)",
+            "ctfm_triage", ["train.json", "evaluate.json"], "run",
+            dict(small, dataset_dir=str(data["heldout_head"].parent), datalist=str(data["heldout_head"]),
+                 ckpt=str(triage / "models" / "model.pt"), output_dir=str(triage / "eval"), spacing=[5, 3, 3],
+                 roi_size=[16, 32, 32]),
+            {"triage AUC on held-out phantoms (JSON)": triage / "eval" / "metrics.json"},
         ),
     ]
     retrieval = out / "retrieval"
@@ -213,8 +272,79 @@ def build_steps(out: Path, data: dict[str, Path], init_filters: int) -> list[Ste
             dict({k: v for k, v in embed.items() if k != "num_workers"}, input=str(ct), k=5),
             {"nearest neighbours (CSV)": retrieval / "neighbours.csv"},
         ),
+        Step(
+            "ctfm_retrieval: precision@1 of body-vs-head retrieval among held-out phantoms",
+            "ctfm_retrieval", ["evaluate.json"], "run",
+            dict(index_dir=str(retrieval / "index"), output_dir=str(retrieval / "eval"),
+                 labels=str(data["retrieval_labels"]), ks=[1, 3]),
+            {"retrieval precision@k on held-out phantoms (JSON)": retrieval / "eval" / "retrieval_metrics.json"},
+        ),
     ]
     return steps
+
+
+def structure_fractions(datalist: Path, structures: tuple[str, ...] = SEG_STRUCTURES) -> dict[str, float]:
+    """Mean fraction of the body (every labelled voxel) each structure fills in a datalist's labelled phantoms."""
+    import nibabel as nib
+    import numpy as np
+
+    items = json.loads(datalist.read_text())["validation"]
+    fractions: dict[str, list[float]] = {name: [] for name in structures}
+    for item in items:
+        labels = np.asarray(nib.load(datalist.parent / item["label"]).dataobj)
+        body = max(int((labels > 0).sum()), 1)
+        for name in structures:
+            fractions[name].append(float((labels == phantom.BODY_LABELS[name]).sum()) / body)
+    return {name: float(np.mean(v)) for name, v in fractions.items()}
+
+
+def learning_summary(out: Path, data: dict[str, Path], user_ct: bool) -> dict:
+    """The figures that show learning, all on held-out phantoms (never trained on), from the bundles' own reports.
+
+    Segmentation: Dice per structure (ctfm_wholebody_seg evaluate.json) and its mean over the structures
+    larger than 1% of the body; triage: AUC with its bootstrap 95% CI (ctfm_triage evaluate.json);
+    retrieval: precision@1 of body-vs-head retrieval (ctfm_retrieval evaluate.json).
+    """
+    seg = json.loads((out / "wholebody_seg" / "eval" / "metrics.json").read_text())
+    dice_of = {c["index"]: c["dice"] for c in seg["classes"]}
+    fractions = structure_fractions(data["heldout_body"])
+    structures = {name: {"totalsegmentator_index": phantom.TOTALSEG_INDEX[name],
+                         "dice": float(dice_of.get(phantom.TOTALSEG_INDEX[name], 0.0)),
+                         "body_fraction": round(fractions[name], 4)} for name in SEG_STRUCTURES}
+    large = [v["dice"] for v in structures.values() if v["body_fraction"] > 0.01]
+    auc = json.loads((out / "triage" / "eval" / "metrics.json").read_text())
+    auc_label = next(iter(auc["labels"].values()))["metrics"]["auc"]
+    retrieval = json.loads((out / "retrieval" / "eval" / "retrieval_metrics.json").read_text())
+    summary = {
+        "held_out": "phantoms with seeds of their own, used by no training step",
+        "segmentation": {"cases": seg["num_cases"], "structures": structures,
+                         "mean_dice_structures_over_1pct_of_body": float(sum(large) / max(len(large), 1))},
+        "triage": {"cases": auc["num_cases"], "auc": auc_label["value"],
+                   "auc_ci95": [auc_label["ci_low"], auc_label["ci_high"]]},
+        "retrieval": {"queries": retrieval["num_queries"], "precision@1": retrieval["precision@1"]},
+    }
+    if user_ct:
+        summary["your_ct"] = ("your CT has no labels here: Dice needs its label map (ctfm_wholebody_seg evaluate.json "
+                              "with a datalist of image + label), AUC and precision@1 need class labels for a set of "
+                              "scans (ctfm_triage / ctfm_retrieval evaluate.json); the figures above are on held-out "
+                              "phantoms")
+    return summary
+
+
+def print_learning(summary: dict) -> None:
+    seg, triage, retrieval = summary["segmentation"], summary["triage"], summary["retrieval"]
+    print("\n[demo] Learning, on held-out phantoms (never trained on):")
+    print(f"  segmentation Dice ({seg['cases']} held-out body phantoms):")
+    for name, v in seg["structures"].items():
+        print(f"    {name:<12} {v['dice']:.3f}  ({100 * v['body_fraction']:.1f}% of the body)")
+    print(f"    mean over the structures larger than 1% of the body: {seg['mean_dice_structures_over_1pct_of_body']:.3f}")
+    low, high = triage["auc_ci95"]
+    print(f"  triage AUC ({triage['cases']} held-out head phantoms, with/without a bleed): {triage['auc']:.3f} "
+          f"(95% CI {low:.3f}-{high:.3f})")
+    print(f"  retrieval precision@1, body vs head ({retrieval['queries']} held-out phantoms): "
+          f"{retrieval['precision@1']:.3f}")
+    if "your_ct" in summary:
+        print(f"  Your CT: {summary['your_ct']}.")
 
 
 def demo(*, ct: str | None = None, output_dir: str = "outputs/demo", init_filters: int = 8, seed: int = 0) -> dict:
@@ -239,13 +369,18 @@ def demo(*, ct: str | None = None, output_dir: str = "outputs/demo", init_filter
     for step in build_steps(out, data, init_filters):
         run_step(step, out / "logs")
         outputs.update(step.outputs)
+    learning = learning_summary(out, data, user_ct=ct is not None)
+    outputs["learning summary (JSON)"] = out / "summary.json"
+    atomic_write_text(outputs["learning summary (JSON)"], json.dumps(learning, indent=2) + "\n")
+    print_learning(learning)
     print(f"\n[demo] finished in {time.perf_counter() - start:.0f} s. Outputs:")
     width = max((len(k) for k in outputs), default=0)
     for name, path in outputs.items():
         print(f"  {name:<{width}}  {path}")
     print(
         f"\n[demo] The weights above were trained for a few iterations on phantoms at init_filters={init_filters}: "
-        "they show every bundle running end to end, they are not models. For real use, pretrain on a CT corpus "
+        "they show every bundle running end to end and learning on phantoms they never saw (figures above), they are "
+        "not models of real anatomy. For real use, pretrain on a CT corpus "
         "(tools/idc.py) or pass the public CT-FM weights as encoder_ckpt (see README)."
     )
     return {k: str(v) for k, v in outputs.items()}
