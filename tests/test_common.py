@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import time
 import os
 import shutil
 
@@ -187,3 +188,30 @@ def test_case_names_are_unique_stable_and_never_take_another_scans_name(tmp_path
     assert case_source(tmp_path / "s0001" / ".." / "s0001" / "ct.nii.gz") == str(paths[0].resolve())
     deep = [tmp_path / "p1" / "ct" / "image.nii.gz", tmp_path / "p2" / "ct" / "image.nii.gz"]
     assert len(set(case_names(deep))) == 2
+
+
+def _claim(args):
+    from ctfm_common.inputs import claim_case_names
+
+    folder, path, start = args
+    while time.time() < start:  # every process claims at the same moment
+        time.sleep(0.001)
+    return claim_case_names(folder, [path])[0]
+
+
+def test_runs_writing_into_one_folder_at_once_never_share_a_case_name(tmp_path):
+    """Four runs start together, each with its own ``<case>/ct.nii.gz``, into one empty folder: before any
+    output exists, each reserves its name in the folder's registry, so no run takes another scan's name."""
+    import multiprocessing
+
+    from ctfm_common.inputs import CASE_NAMES_FILE, case_source, claim_case_names
+
+    out = tmp_path / "out"
+    paths = [str(tmp_path / f"p{i}" / "ct.nii.gz") for i in range(4)]
+    start = time.time() + 1.0
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        names = pool.map(_claim, [(str(out), p, start) for p in paths])
+    assert len(set(names)) == 4 and names.count("ct") <= 1, names
+    registry = json.loads((out / CASE_NAMES_FILE).read_text())
+    assert {registry[n] for n in names} == {case_source(p) for p in paths}
+    assert claim_case_names(out, paths) == names  # a rerun of the same scans keeps their names

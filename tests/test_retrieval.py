@@ -372,6 +372,16 @@ def test_query_and_saliency_batches_go_on_past_a_bad_scan_and_list_it(scans, ind
     assert [Path(s["input"]).name for s in summaries] == ["head0.nii.gz"]
     assert (tmp_path / "saliency" / "head0_saliency.nii.gz").is_file()
     assert [e["source"] for e in rows_of(tmp_path / "saliency" / "errors.csv")] == [str(batch / "corrupt.nii.gz")]
+    # another scan that shares the stem, mapped into the same folder later: its own files, the first map kept
+    other = tmp_path / "other" / "head0.nii.gz"
+    other.parent.mkdir()
+    shutil.copy(scans["root"] / "scans" / "body0.nii.gz", other)
+    first_map = (tmp_path / "saliency" / "head0_saliency.nii.gz").read_bytes()
+    again, = saliency.saliency_maps(input=str(other), output_dir=str(tmp_path), preprocessing=coarse,
+                                    network=local["network"], mask_size=8, overlap=0.0)
+    assert again["input"] == str(other) and Path(again["saliency_map"]).name.startswith("other_head0-")
+    assert (tmp_path / "saliency" / "head0_saliency.nii.gz").read_bytes() == first_map
+    assert json.loads((tmp_path / "saliency" / "head0_saliency.json").read_text())["input"] == str(batch / "head0.nii.gz")
     (batch / "corrupt.nii.gz").unlink()  # nothing fails: no stale error list
     query.query_index(input=str(batch / "*.nii.gz"), index_dir=str(indexed), output_dir=str(tmp_path), k=1,
                       settings=local["settings"], preprocessing=local["preprocessing"], embedder=embedder)

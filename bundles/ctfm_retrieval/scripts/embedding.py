@@ -39,7 +39,7 @@ from monai.data.utils import dense_patch_slices
 from torch import nn
 
 from .ctfm_common.encoder import weights_digest
-from .ctfm_common.inputs import IMAGE_SUFFIXES, case_names
+from .ctfm_common.inputs import IMAGE_SUFFIXES, case_names, claim_case_names
 from .ctfm_common.runtime import as_bool, atomic_write, atomic_write_text, shard_items
 from .ctfm_common.validate import describe_failure
 
@@ -387,7 +387,7 @@ def embed_dataset(
     out_dir.mkdir(parents=True, exist_ok=True)
     index_file = out_dir / "index.csv"  # names of earlier runs' scans are taken
     taken = {r["case"]: r["source"] for r in _read_index(index_file)} if index_file.is_file() else {}
-    names = unique_case_names(items, key, taken)
+    names = claim_case_names(out_dir, [str(item[key]) for item in items], taken, logger)
     mine = shard_items(list(range(len(items))), shard_index, num_shards)
     settings = dict(settings, save_patches=str(save_patches))
     if not settings.get("encoder_ckpt"):

@@ -30,7 +30,7 @@ from torch import nn
 
 from .batch import run_each
 from .ctfm_common.display import readable
-from .ctfm_common.inputs import case_name, resolve_input
+from .ctfm_common.inputs import claim_case_names, resolve_input
 from .ctfm_common.runtime import atomic_write_text
 from .semantic_search import save_map_on_input_grid, save_overlay_png
 
@@ -60,6 +60,7 @@ def occlusion_saliency(
     mode: str = "gaussian",
     n_batch: int = 8,
     device: str | torch.device = "cpu",
+    name: str = "",
 ) -> dict:
     """Occlusion saliency map of one scan's embedding, as NIfTI on the input's grid + PNG.
 
@@ -74,6 +75,8 @@ def occlusion_saliency(
             ``mean_patch``, ``mean_img`` or a value).
         n_batch: occluded volumes per forward pass.
         device: where the encoder runs.
+        name: the case's output name (default: claimed in the output folder, see
+            ``ctfm_common.inputs.claim_case_names``: never the name of another scan mapped there).
 
     Returns:
         The summary (also ``<case>_saliency.json``).
@@ -102,7 +105,7 @@ def occlusion_saliency(
     # MONAI 1.6 returns (B, outputs, D, H, W); older releases put the outputs last
     occ_map = occ_map[0] if occ_map.shape[2:] == data.shape[2:] else occ_map[0, ..., 0]
     saliency = (1.0 - occ_map.reshape(1, *data.shape[2:])).cpu()
-    name = case_name(str(input).rstrip("/\\"))
+    name = name or claim_case_names(out_dir, [input], logger=logger)[0]
     nifti = out_dir / f"{name}_saliency.nii.gz"
     array, affine, source = save_map_on_input_grid(saliency, image, preprocessing, input, nifti)
     peak = np.unravel_index(int(np.argmax(array)), array.shape)
@@ -150,9 +153,10 @@ def saliency_maps(*, input: str, dataset_dir: str = "", output_dir: str, **kwarg
         The summaries of the scans mapped.
     """
     sources = [str(item["image"]) for item in resolve_input(input, dataset_dir=dataset_dir or None)]
+    names = claim_case_names(Path(output_dir) / "saliency", sources, logger=logger)
     done = run_each(
         sources,
-        lambda i: occlusion_saliency(input=sources[i], output_dir=output_dir, **kwargs),
+        lambda i: occlusion_saliency(input=sources[i], output_dir=output_dir, name=names[i], **kwargs),
         errors_file=Path(output_dir) / "saliency" / "errors.csv",
         what="map the saliency of this scan",
     )

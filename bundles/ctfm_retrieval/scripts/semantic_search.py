@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ctfm_common.inputs import case_name
+from .ctfm_common.inputs import case_name, claim_case_names
 from .ctfm_common.runtime import as_bool, atomic_write, atomic_write_text
 from .embedding import voxel_to_world
 
@@ -276,7 +276,7 @@ def semantic_search(
     upsampled = F.interpolate(
         similarity[None, None], size=tuple(image.shape[1:]), mode="trilinear", align_corners=False
     )[0]
-    name = case_name(str(target).rstrip("/\\"))
+    name = claim_case_names(out_dir, [target], logger=logger)[0]  # never another scan's name in out_dir
     nifti_path = out_dir / f"{name}_similarity.nii.gz"
     map_array, affine, target_image = save_map_on_input_grid(upsampled, image, preprocessing, target, nifti_path)
 

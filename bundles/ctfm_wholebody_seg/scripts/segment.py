@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .ctfm_common import encoder as shared_encoder
-from .ctfm_common.inputs import case_names
+from .ctfm_common.inputs import claim_case_names
 from .ctfm_common.runtime import as_bool, atomic_write, atomic_write_text, cpu_has_native_bf16, file_lock
 from .ctfm_common.display import ras_voxel_sizes  # noqa: F401  (the preview's voxel sizes, re-exported)
 from .ctfm_common.validate import describe_failure
@@ -548,7 +548,7 @@ def segment_cases(
     with file_lock(output_dir / "summary.json"):  # names of earlier runs' cases are taken
         taken = {c.get("case"): c.get("input", "") for c in read_summary(output_dir / "summary.json")["cases"]
                  if isinstance(c, dict)}
-    cases = case_names(paths, taken, logger)
+    cases = claim_case_names(output_dir, paths, taken, logger)  # also against runs writing here now
     results = []
     try:
         from tqdm import tqdm

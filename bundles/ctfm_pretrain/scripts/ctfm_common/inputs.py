@@ -22,7 +22,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .runtime import UsageError
+from .runtime import UsageError, atomic_write_text, file_lock
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 DATALIST_SECTIONS = ("testing", "validation", "training")
@@ -92,6 +92,50 @@ def case_names(
             f"{len(renamed)} case(s) share a file name with another scan; named after their full path instead: "
             + "; ".join(renamed)
         )
+    return names
+
+
+#: The registry of the case names given out in an output folder (``name -> source``).
+CASE_NAMES_FILE = ".case_names.json"
+
+
+def claim_case_names(
+    output_dir: str | os.PathLike,
+    paths: Sequence[str | os.PathLike],
+    taken: Mapping[str, str] | None = None,
+    logger: logging.Logger | None = None,
+) -> list[str]:
+    """:func:`case_names` for a run writing into ``output_dir``, reserved there before any output.
+
+    The names given out in the folder are kept in its ``.case_names.json`` (``name -> source``),
+    read and extended under a file lock: a name already given to another scan, by an earlier run
+    or by one running at the same time, counts as taken, and a scan named there before keeps its
+    name (a rerun rewrites its own outputs). Two runs that write into one folder
+    at once therefore never give one name to two different scans (the outputs of one would
+    replace the other's).
+
+    Args:
+        output_dir: the folder the run writes its per-case outputs into.
+        paths: the run's input paths.
+        taken: further ``name -> source`` known to be taken (e.g. rows of an earlier run's table).
+        logger: as :func:`case_names`.
+
+    Returns:
+        One name per path, in order.
+    """
+    registry = Path(output_dir) / CASE_NAMES_FILE
+    with file_lock(registry):
+        try:
+            claimed = json.loads(registry.read_text()) if registry.is_file() else {}
+        except (OSError, json.JSONDecodeError):
+            claimed = {}  # an unreadable registry: names are still checked against ``taken``
+        owned = {source: name for name, source in claimed.items()}  # a scan named here before keeps its name
+        sources = [case_source(p) for p in paths]
+        new = [p for p, source in zip(paths, sources) if source not in owned]
+        fresh = dict(zip(map(case_source, new), case_names(new, {**dict(taken or {}), **claimed}, logger)))
+        names = [owned.get(source) or fresh[source] for source in sources]
+        claimed.update(zip(names, sources))
+        atomic_write_text(registry, json.dumps(claimed, indent=1, sort_keys=True) + "\n")
     return names
 
 
