@@ -26,10 +26,10 @@ from monai.bundle import ConfigParser
 
 import demo
 
-#: Least mean Dice on held-out phantoms (over the structures larger than 1% of the body) that shows the
-#: main job learned: an untrained network scores ~0; the demo reaches ~0.72 (lungs and liver ~0.8-0.87,
-#: heart ~0.73, the spine ~0.3 on its 12 mm grid).
-DICE_LEARNED = 0.6
+#: The main job's aim: mean Dice on held-out phantoms over the structures larger than 1% of the body
+#: (an untrained network scores ~0; the demo measured ~0.78: lungs ~0.87, liver ~0.79, heart ~0.75,
+#: the spine ~0.62 on its 12 mm grid).
+DICE_AIM = 0.75
 
 
 def test_demo_runs_every_bundle_with_overrides_its_configs_define(tmp_path):
@@ -84,22 +84,27 @@ def test_main_job_end_to_end_on_the_phantom(demo_run):
 def test_main_job_shows_learning_on_held_out_phantoms(demo_run):
     out, stdout = demo_run
     summary = json.loads((out / "summary.json").read_text())
-    trained = {json.dumps(item) for name in ("body", "head")
-               for item in json.loads((out / "data" / name / "datalist.json").read_text())["training"]}
-    for name in ("heldout_body", "heldout_head"):  # the figures are on phantoms no step trained on
-        held = json.loads((out / "data" / name / "datalist.json").read_text())
-        assert held["validation"] and not held["training"]
-        assert not {json.dumps(item) for item in held["validation"]} & trained
+    # the figures are on phantoms no step trained on (nor selected a model on)
+    body = json.loads((out / "data" / "body" / "datalist.json").read_text())
+    held_body = json.loads((out / "data" / "heldout_body" / "datalist.json").read_text())
+    assert held_body["validation"] and not held_body["training"]
+    trained_images = {nib.load(out / "data" / "body" / item["image"]).get_fdata().tobytes()
+                      for item in body["training"] + body["validation"]}
+    assert not trained_images & {nib.load(out / "data" / "heldout_body" / item["image"]).get_fdata().tobytes()
+                                 for item in held_body["validation"]}
+    heads = json.loads((out / "data" / "head" / "datalist.json").read_text())
+    seeds = {section: {item["image"].split("_")[1] for item in heads[section]} for section in heads}
+    assert seeds["testing"] and not seeds["testing"] & (seeds["training"] | seeds["validation"]), seeds
     seg = summary["segmentation"]
     large = {n: v for n, v in seg["structures"].items() if v["body_fraction"] > 0.01}
     assert {"lung_left", "lung_right", "liver"} <= set(large), seg
     # learning, not chance: an untrained network scores ~0 on every structure
-    assert seg["mean_dice_structures_over_1pct_of_body"] >= DICE_LEARNED, seg
-    assert min(v["dice"] for v in large.values()) > 0.15, seg
-    triage = summary["triage"]
-    # the triage step at demo scale does not separate bleeds yet (AUC ~0.5): its figure and CI are reported
+    assert seg["cases"] == demo.SEG_HELDOUT_CASES and seg["mean_dice_structures_over_1pct_of_body"] >= DICE_AIM, seg
+    assert min(v["dice"] for v in large.values()) > 0.4, seg
+    triage = summary["triage"]  # held-out heads, half of them with a bleed
     low, high = triage["auc_ci95"]
-    assert triage["cases"] == 8 and 0.0 <= low <= triage["auc"] <= high <= 1.0, triage
+    assert triage["cases"] == demo.TRIAGE_HEADS["testing"] and 0.0 <= low <= triage["auc"] <= high <= 1.0, triage
+    assert triage["auc"] >= 0.8 and low > 0.5, triage  # better than chance, CI included
     assert summary["retrieval"]["precision@1"] >= 0.9, summary["retrieval"]
     assert "your_ct" not in summary
     assert "Learning, on held-out phantoms" in stdout and "mean over the structures larger than 1%" in stdout

@@ -49,20 +49,7 @@ TRAIN = {"max_epochs": 14, "batch_size": 4, "learning_rate": 0.0005, "flip_prob"
 
 def make_head_datalist(root: Path, *, pairs: int = 16, validation: int = 10, testing: int = 24) -> Path:
     """Head phantoms (64 x 64 x 32 at 3 x 3 x 5 mm) and a datalist with held-out heads."""
-    items: dict[str, list] = {"training": [], "validation": [], "testing": []}
-    seed = 0
-    for section, count in (("training", pairs), ("validation", validation), ("testing", testing)):
-        for i in range(count):
-            seed += 1
-            for lesion in (False, True) if section == "training" else (bool(i % 2),):
-                name = f"{section}/head_{seed:03d}_{int(lesion)}.nii.gz"
-                image, _, affine = phantom.make_head_phantom(shape=(64, 64, 32), spacing=(3.0, 3.0, 5.0), seed=seed,
-                                                             lesion=lesion, noise_hu=2.0)
-                phantom.save_phantom(image, None, affine, image_path=root / name)
-                items[section].append({"image": name, "label": int(lesion)})
-    path = root / "datalist.json"
-    path.write_text(json.dumps(items, indent=1))
-    return path
+    return Path(phantom.make_triage_dataset(output_dir=str(root), pairs=pairs, validation=validation, testing=testing))
 
 
 @pytest.fixture(scope="module")

@@ -940,6 +940,56 @@ def make_dataset(
     return str(path)
 
 
+def make_triage_dataset(
+    *,
+    output_dir: str,
+    pairs: int = 16,
+    validation: int = 10,
+    testing: int = 24,
+    seed: int = 0,
+    shape: Sequence[int] = (64, 64, 32),
+    spacing: float | Sequence[float] = (3.0, 3.0, 5.0),
+    noise_hu: float = 2.0,
+) -> str:
+    """Head phantoms for triage (bleed vs none) and a datalist with held-out heads.
+
+    ``training`` holds matched pairs: each head once with and once without a lesion (the
+    same head otherwise), so the lesion is the only thing telling the classes apart.
+    ``validation`` (model selection) and ``testing`` (held out from training and
+    selection) hold distinct heads, alternately without and with a lesion. Item labels
+    are ``0``/``1``; paths are relative to ``output_dir``
+    (``<section>/head_NNN_<label>.nii.gz``).
+
+    Args:
+        output_dir: folder of the images and of ``datalist.json``.
+        pairs: matched training pairs (``2 * pairs`` training scans).
+        validation: validation heads.
+        testing: held-out test heads.
+        seed: offsets every head's seed (heads are seeded ``seed + 1``, ``seed + 2``, ...).
+        shape: voxel counts of each head.
+        spacing: voxel sizes in mm.
+        noise_hu: Gaussian noise sigma in HU.
+
+    Returns:
+        The datalist path.
+    """
+    root = Path(output_dir)
+    items: dict[str, list[dict[str, Any]]] = {"training": [], "validation": [], "testing": []}
+    head_seed = _validate_seed(seed)
+    for section, count in (("training", pairs), ("validation", validation), ("testing", testing)):
+        for i in range(count):
+            head_seed += 1
+            for lesion in (False, True) if section == "training" else (bool(i % 2),):
+                name = f"{section}/head_{head_seed:03d}_{int(lesion)}.nii.gz"
+                image, _, affine = make_head_phantom(shape=shape, spacing=spacing, seed=head_seed, lesion=lesion,
+                                                     noise_hu=noise_hu)
+                save_phantom(image, None, affine, image_path=root / name)
+                items[section].append({"image": name, "label": int(lesion)})
+    path = root / "datalist.json"
+    atomic_write_text(path, json.dumps(items, indent=1) + "\n")
+    return str(path)
+
+
 def phantom_stats(*, image: str, label: str, kind: str = "body") -> dict[str, dict[str, Any]]:
     """Per-structure statistics of a written phantom (CLI verb ``stats``).
 
