@@ -227,6 +227,76 @@ def test_bad_weight_files_give_clear_errors(tmp_path):
     assert "missing in the file" in str(report)
 
 
+def test_full_model_weights_load_strictly_with_the_one_line_report(tmp_path, caplog):
+    """``load_model_weights``, the route of every evaluate/inference config: a training checkpoint
+    (``{"model": ..., "optimizer": ...}``), a ``module.``-prefixed DDP state dict and a .safetensors file
+    load into the (DDP-unwrapped) network with one log line; weights of another width and a missing
+    file are one-line errors naming the settings / the commands that get weights."""
+    torch.manual_seed(3)
+    trained = SegResNetDS(init_filters=8, blocks_down=(1, 2, 2, 4, 4), out_channels=3, dsdepth=4)
+    state = trained.state_dict()
+    torch.save({"model": state, "optimizer": {"state": {}, "param_groups": []}, "trainer": {"epoch": 2}},
+               tmp_path / "last.pt")
+    torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "ddp.pt")
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
+    for name in ("last.pt", "ddp.pt", "model.safetensors"):
+        network = SegResNetDS(init_filters=8, blocks_down=(1, 2, 2, 4, 4), out_channels=3, dsdepth=4)
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            assert enc.load_model_weights(network, tmp_path / name, what="test model weights") is network
+        for key, value in network.state_dict().items():
+            assert torch.equal(value, state[key]), (name, key)
+        lines = [r.getMessage() for r in caplog.records if "tensors loaded" in r.getMessage()]
+        assert len(lines) == 1 and "\n" not in lines[0], lines
+        assert lines[0].startswith(f"test model weights from {tmp_path / name}: {len(state)} tensors loaded")
+    # the DDP / DataParallel unwrap is the shared one
+    wrapped = torch.nn.DataParallel(SegResNetDS(init_filters=8, blocks_down=(1, 2, 2, 4, 4), out_channels=3, dsdepth=4))
+    enc.load_model_weights(wrapped, tmp_path / "ddp.pt")
+    assert torch.equal(enc.unwrap(wrapped).encoder.conv_init.weight, trained.encoder.conv_init.weight)
+    # another number of classes: one line naming the file, the mismatched key and the settings to check
+    other = SegResNetDS(init_filters=8, blocks_down=(1, 2, 2, 4, 4), out_channels=5, dsdepth=4)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(enc.EncoderWeightsError) as caught:
+        enc.load_model_weights(other, tmp_path / "last.pt", settings="init_filters, num_classes")
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{tmp_path / 'last.pt'}: does not match the network "
+                                                       "(init_filters, num_classes?)")
+    assert "shape mismatch" in message and "file (3, " in message
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())  # left untouched
+    from ctfm_common.runtime import user_error_line
+
+    assert user_error_line(caught.value) == message  # monai.bundle run prints it as one line
+    with pytest.raises(enc.WeightsNotFoundError) as missing:
+        enc.load_model_weights(other, tmp_path / "none.pt", what="whole-body model weights",
+                               release="project-lighter/whole_body_segmentation")
+    assert str(missing.value).startswith(f"whole-body model weights not found: {tmp_path / 'none.pt'}")
+    assert "project-lighter/whole_body_segmentation" in str(missing.value) and "\n" not in str(missing.value)
+    # an empty ckpt keeps the random init, loudly
+    with caplog.at_level("WARNING"):
+        enc.load_model_weights(other, "")
+    assert "RANDOM initialisation" in caplog.text
+
+
+def test_encoder_route_warns_on_random_init_and_reports_in_one_line(tmp_path, caplog):
+    """``load_encoder``, the route of every train/embed config: empty = a warning (information where random
+    init is the usual start), otherwise the strict load and its one-line report."""
+    weights = enc.save_encoder_weights(enc.build_encoder(init_filters=8), tmp_path / "encoder.safetensors")
+    with caplog.at_level("INFO"):
+        enc.load_encoder(enc.PooledEncoderHead(init_filters=8), "", random_init_ok=True)
+    assert "random initialisation" in caplog.text and not [r for r in caplog.records if r.levelname == "WARNING"]
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        enc.load_encoder(SegResNetDS(init_filters=8, blocks_down=(1, 2, 2, 4, 4), out_channels=3, dsdepth=4), weights)
+    lines = [r.getMessage() for r in caplog.records if "tensors loaded" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert lines[0].startswith(f"encoder weights from {weights}: ") and "into 'encoder.'" in lines[0]
+    with pytest.raises(enc.EncoderWeightsError) as caught:
+        enc.load_encoder(enc.build_encoder(init_filters=16), weights)
+    assert "\n" not in str(caught.value) and "does not match the shared encoder" in str(caught.value)
+
+
 def load_state(path):
     from safetensors.torch import load_file
 

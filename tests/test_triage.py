@@ -206,7 +206,7 @@ def test_multi_window_input_loads_the_pretrained_one_channel_encoder(triage_scri
     parser.parse()
     network = parser.get_parsed_content("network_def").eval()
     assert network.encoder.conv_init.weight.shape[1] == 3
-    report = scripts.windows.load_pretrained_encoder(network, weights)
+    report = scripts.encoder.load_encoder_weights(network, weights)
     assert report.ok and len(report.loaded) == len(single.encoder.state_dict())
     expected = single.encoder.conv_init.weight.repeat(1, 3, 1, 1, 1) / 3
     assert torch.equal(network.encoder.conv_init.weight, expected)

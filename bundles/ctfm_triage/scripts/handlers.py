@@ -24,7 +24,7 @@ from monai.utils import evenly_divisible_all_gather
 from torch import nn
 
 from . import metrics
-from .model import unwrap
+from .ctfm_common.encoder import unwrap
 from .report import write_json
 
 logger = logging.getLogger(__name__)

@@ -55,7 +55,7 @@ _ENVIRONMENT_ERRNOS = {
     errno.ENOENT: "",
     errno.EIO: "",
 }#: Error types of the bundles whose message is already one line naming the file (a scan, a datalist).
-_ONE_LINE_ERRORS = {"InputError", "DatalistError"}
+_ONE_LINE_ERRORS = {"InputError", "DatalistError", "EncoderWeightsError"}
 _NO_CUDA = ("Torch not compiled with CUDA enabled", "Found no NVIDIA driver", "No CUDA GPUs are available",
             "CUDA driver initialization failed", "invalid device ordinal")
 
