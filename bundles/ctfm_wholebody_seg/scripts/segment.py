@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from .ctfm_common.inputs import case_names
-from .ctfm_common.runtime import as_bool, atomic_write, atomic_write_text, cpu_has_native_bf16, file_lock
+from .ctfm_common.runtime import (as_bool, atomic_write, atomic_write_text, cpu_has_native_bf16, file_lock,
+                                   merge_case_records)
 from .ctfm_common.display import ras_voxel_sizes  # noqa: F401  (the preview's voxel sizes, re-exported)
 from .ctfm_common.validate import describe_failure
 from .labels import display_colours, read_label_names
@@ -55,15 +56,16 @@ def read_summary(path: Path) -> dict:
 
 
 def merge_summary(path: Path, results: Sequence[Mapping]) -> dict:
-    """Merge this run's case records into ``summary.json`` by case, under a lock: earlier runs'
-    cases stay, a rerun of a case replaces its record; counts cover every case in the file."""
-    with file_lock(path):
-        cases = {c["case"]: c for c in read_summary(path)["cases"] if isinstance(c, dict) and "case" in c}
-        cases.update({r["case"]: dict(r) for r in results})
-        merged = list(cases.values())
+    """Merge this run's case records into ``summary.json`` by case (:func:`merge_case_records`): earlier
+    runs' cases stay, a rerun of a case replaces its record; counts cover every case in the file."""
+    summary: dict = {}
+
+    def write(merged: list[dict]) -> None:
         ok = sum(c.get("status") == "ok" for c in merged)
-        summary = {"num_ok": ok, "num_failed": len(merged) - ok, "cases": merged}
+        summary.update(num_ok=ok, num_failed=len(merged) - ok, cases=merged)
         atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
+
+    merge_case_records(path, results, write)
     return summary
 
 
