@@ -592,6 +592,61 @@ def load_model_weights(
     return network
 
 
+class FreezeEncoder:
+    """Ignite handler: keep the shared encoder fixed for the first epochs, or throughout.
+
+    The one freezing schedule of every bundle that fine-tunes the encoder (``freeze_encoder_epochs``):
+
+    - ``epochs == 0``: the encoder trains from the start (the handler does nothing);
+    - ``epochs == N > 0``: frozen for epochs 1..N, trained from epoch N+1 (the new head or
+      decoder first adapts to the pretrained features);
+    - ``epochs < 0``: frozen throughout, a linear probe of the pretrained features.
+
+    Frozen means no gradients for the encoder's parameters (``requires_grad`` off), and, unless
+    ``update_batch_norm``, batch norm in eval mode, so its running statistics stay those of the
+    loaded weights: the encoder then computes exactly the pretrained features. The trainer calls
+    ``network.train()`` every iteration, so the encoder is put in eval mode just before each of
+    its forward passes while it is frozen. With ``update_batch_norm`` the encoder's batch-norm
+    statistics keep following the new data (the layers stay in training mode).
+
+    Args:
+        network: a network holding the shared ``SegResEncoder`` (DDP / DataParallel-wrapped too).
+        epochs: see above.
+        update_batch_norm: let batch-norm statistics update while the weights are frozen.
+    """
+
+    def __init__(self, network: nn.Module, epochs: int = 0, update_batch_norm: bool = False) -> None:
+        self.encoder, _ = encoder_of(network)
+        self.epochs = int(epochs)
+        self.update_batch_norm = bool(update_batch_norm)
+        self.frozen = False
+        self.encoder.register_forward_pre_hook(self._keep_statistics)
+
+    def _keep_statistics(self, encoder: nn.Module, args) -> None:
+        if self.frozen and not self.update_batch_norm and encoder.training:
+            encoder.eval()
+
+    def attach(self, engine) -> None:
+        """Register with the trainer (at the start of every epoch)."""
+        from ignite.engine import Events
+
+        if self.epochs != 0:
+            engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine) -> None:
+        epoch = engine.state.epoch
+        frozen = self.epochs < 0 or epoch <= self.epochs
+        for parameter in self.encoder.parameters():
+            parameter.requires_grad_(not frozen)
+        if not frozen and self.frozen:
+            self.encoder.train()
+        if frozen != self.frozen or epoch == 1:
+            statistics = "" if not frozen else (", batch-norm statistics updating" if self.update_batch_norm
+                                                 else ", batch-norm statistics fixed")
+            logger.info(f"epoch {epoch}: encoder {'frozen' if frozen else 'trained'}{statistics}")
+        self.frozen = frozen
+
+
 def save_encoder_weights(network: nn.Module, path: str | os.PathLike, *, metadata: dict | None = None) -> Path:
     """Write the encoder part of ``network`` as a ``.safetensors`` file, atomically.
 

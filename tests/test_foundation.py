@@ -459,3 +459,40 @@ def test_override_files_override_ids_and_never_retype_a_run_list(bundle):
             assert any("set_determinism(seed=@seed + @rank)" in step for step in merged["training"])
             if bundle == "ctfm_wholebody_seg":
                 assert any("keep_schedule_length" in step for step in merged["training"])
+
+
+def test_one_freeze_schedule_for_every_bundle():
+    """``FreezeEncoder`` (seg and triage ``freeze_encoder_epochs``): N > 0 frozen for epochs 1..N then trained,
+    negative frozen throughout, 0 not attached; frozen weights get no gradient, and batch-norm statistics stay
+    those of the loaded weights unless ``update_batch_norm`` (the segmentation bundle's choice)."""
+    from ignite.engine import Engine
+
+    for update_batch_norm in (False, True):
+        torch.manual_seed(0)
+        network = SegResNetDS(init_filters=8, blocks_down=(1, 2, 2, 4, 4), out_channels=3, dsdepth=4)
+        before = {k: v.clone() for k, v in network.encoder.state_dict().items()}
+        engine = Engine(lambda e, b: None)
+        handler = enc.FreezeEncoder(torch.nn.DataParallel(network), epochs=1, update_batch_norm=update_batch_norm)
+        handler.attach(engine)
+        engine.state.epoch = 1
+        handler(engine)
+        network.train()  # what the trainer calls every iteration
+        optimizer = torch.optim.SGD([p for p in network.parameters() if p.requires_grad], lr=0.1)
+        network(torch.rand(2, 1, 32, 32, 32))[0].sum().backward()
+        optimizer.step()
+        after = network.encoder.state_dict()
+        weights = [k for k in before if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+        statistics = [k for k in before if k.endswith("running_mean")]
+        assert all(torch.equal(after[k], before[k]) for k in weights)
+        assert all(torch.equal(after[k], before[k]) for k in statistics) != update_batch_norm
+        assert network.encoder.training == update_batch_norm
+        engine.state.epoch = 2
+        handler(engine)
+        assert network.encoder.training and all(p.requires_grad for p in network.encoder.parameters())
+    probe = enc.FreezeEncoder(enc.build_encoder(init_filters=8), epochs=-1)
+    engine.state.epoch = 50
+    probe(engine)
+    assert not any(p.requires_grad for p in probe.encoder.parameters())
+    idle, engine = enc.FreezeEncoder(enc.build_encoder(init_filters=8), epochs=0), Engine(lambda e, b: None)
+    idle.attach(engine)
+    assert not engine.has_event_handler(idle)

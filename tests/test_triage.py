@@ -229,13 +229,13 @@ def test_linear_probe_keeps_the_encoder_fixed_then_unfreezes(triage_scripts):
     encoder_before = {k: v.clone() for k, v in network.encoder.state_dict().items()}
     head_before = network.head[0].weight.clone()
     engine = Engine(lambda e, b: None)
-    handler = scripts.handlers.EncoderFreezeHandler(network, freeze_epochs=1)
+    handler = scripts.encoder.FreezeEncoder(network, epochs=1)
     engine.state.epoch = 1
     handler(engine)
     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-2)
-    network.train()  # what the trainer calls every iteration: the frozen encoder must stay in eval mode
-    assert not network.encoder.training
+    network.train()  # what the trainer calls every iteration: the frozen encoder must run in eval mode
     loss = network(torch.rand(2, 1, 16, 16, 16)).sum()
+    assert not network.encoder.training
     loss.backward()
     optimizer.step()
     assert all(torch.equal(v, encoder_before[k]) for k, v in network.encoder.state_dict().items())  # incl. BN stats

@@ -9,11 +9,12 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 """The triage classifier: the shared encoder, global average pool and an MLP head, carrying
-its operating thresholds, with a frozen-encoder mode for linear probing."""
+its operating thresholds (freezing the encoder for a linear probe: ``scripts.encoder.FreezeEncoder``)."""
 
 from __future__ import annotations
 
 import torch
+
 from .ctfm_common.encoder import PooledEncoderHead
 
 
@@ -23,10 +24,6 @@ class TriageClassifier(PooledEncoderHead):
     The operating threshold of each label (chosen on validation at the end of each validation
     round) is a buffer, ``threshold``: it is saved in every checkpoint with the weights it was
     chosen for, and applied by inference exactly as stored.
-
-    With the encoder frozen (:meth:`set_encoder_frozen`), its parameters get no gradient and its
-    batch norm layers stay in eval mode (running statistics fixed) even when the engine calls
-    ``train()``: a true linear probe of the pretrained features.
 
     Args:
         init_filters: encoder width (32 is the contract).
@@ -40,20 +37,6 @@ class TriageClassifier(PooledEncoderHead):
         super().__init__(init_filters=init_filters, in_channels=in_channels, hidden_features=hidden_features,
                          out_features=num_labels)
         self.register_buffer("threshold", torch.full((num_labels,), 0.5))
-        self.encoder_frozen = False
-
-    def set_encoder_frozen(self, frozen: bool) -> None:
-        """Freeze (no gradients, batch norm in eval mode) or unfreeze the encoder."""
-        self.encoder_frozen = bool(frozen)
-        for parameter in self.encoder.parameters():
-            parameter.requires_grad_(not frozen)
-        self.train(self.training)
-
-    def train(self, mode: bool = True) -> TriageClassifier:
-        super().train(mode)
-        if self.encoder_frozen:
-            self.encoder.eval()
-        return self
 
 
 def pos_weight_tensor(pos_weight: float | list | str | None, items: list[dict], num_labels: int,
