@@ -100,7 +100,7 @@ def shared_data_optional():
 def test_short_training_separates_held_out_phantoms(trained):
     root, common = trained["root"], trained["common"]
     models = root / "models"
-    assert (models / "model.pt").is_file() and (models / "model_last.pt").is_file()
+    assert (models / "model.pt").is_file() and (models / "last.pt").is_file()
     assert list((root / "train_out" / "tensorboard").glob("events.out.tfevents.*"))
     rates = tensorboard_scalars(root / "train_out" / "tensorboard")["learning_rate"]  # logged each iteration
     assert rates and rates[0] == pytest.approx(TRAIN["learning_rate"])
@@ -110,7 +110,7 @@ def test_short_training_separates_held_out_phantoms(trained):
     state = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
     assert state["threshold"].tolist() == pytest.approx([stored["thresholds"]["abnormal"]], abs=1e-6)
     # the last checkpoint remembers the best score, so a resumed run does not replace model.pt with worse weights
-    last = torch.load(models / "model_last.pt", map_location="cpu", weights_only=True)
+    last = torch.load(models / "last.pt", map_location="cpu", weights_only=True)
     assert {"model", "optimizer", "trainer", "best_saver"} <= set(last)
     (best_auc, best_file), = last["best_saver"]["_saved"]
     assert best_file.startswith("model") and 0.5 < best_auc <= 1.0
