@@ -56,7 +56,7 @@ SEG = "ctfm_wholebody_seg"
 INFER = {
     "init_filters": 8,
     "spacing": [6.0, 6.0, 6.0],
-    "roi_size": [32, 32, 32],
+    "patch_size": [32, 32, 32],
     "sw_batch_size": 1,
     "overlap": 0.25,
     "channels_last": False,

@@ -281,7 +281,7 @@ def test_embedding_killed_then_rerun_ends_like_an_uninterrupted_run(embed_data, 
 TRIAGE_TRAIN = {
     "init_filters": 8,
     "spacing": [5.0, 4.0, 4.0],
-    "roi_size": [16, 16, 16],
+    "patch_size": [16, 16, 16],
     "windows": ["stroke"],
     "num_workers": 0,
     "batch_size": 4,

@@ -496,3 +496,83 @@ def test_one_freeze_schedule_for_every_bundle():
     idle, engine = enc.FreezeEncoder(enc.build_encoder(init_filters=8), epochs=0), Engine(lambda e, b: None)
     idle.attach(engine)
     assert not engine.has_event_handler(idle)
+
+
+# --- one vocabulary across bundles ----------------------------------------------------------------------------
+#: The ids that mean the same thing in every bundle (DESIGN.md's common ids and the training ones), with the
+#: kind of value each holds once parsed.
+COMMON_IDS: dict[str, type | tuple[type, ...]] = {
+    "input": str, "output_dir": str, "dataset_dir": str, "encoder_ckpt": str, "ckpt": str, "ckpt_dir": str,
+    "init_filters": int, "max_epochs": int, "batch_size": int, "num_workers": int, "amp": bool,
+    "device": (str, torch.device), "seed": int, "rank": int, "resume": bool, "is_main_process": bool,
+    "last_ckpt": str, "patch_size": (list, tuple),
+}
+#: Names that other code bases use for those things: none may appear as a config id.
+SYNONYMS = {
+    "main_process": "is_main_process", "is_main": "is_main_process", "best_saver": "best_checkpoint_saver",
+    "last_saver": "last_checkpoint_saver", "model_last": "last_ckpt", "last_checkpoint": "last_ckpt",
+    "roi_size": "patch_size", "roi": "patch_size", "crop_size": "patch_size", "window_size": "patch_size",
+    "checkpoint_dir": "ckpt_dir", "output_folder": "output_dir", "data_dir": "dataset_dir", "data_list": "datalist",
+    "num_epochs": "max_epochs", "epochs": "max_epochs", "workers": "num_workers", "use_amp": "amp",
+    "filters": "init_filters", "random_seed": "seed", "weights": "ckpt", "encoder_weights": "encoder_ckpt",
+    "pretrained": "encoder_ckpt", "local_rank": "rank",
+}
+#: Old ids still accepted from the command line (a documented command used them): null, read only by the new id.
+DEPRECATED_ALIASES = {"roi_size": "patch_size"}
+#: What the removed weight routes looked like: every config now calls scripts.encoder.load_encoder /
+#: load_model_weights.
+REMOVED_ROUTES = ("load_pretrained_encoder", "load_encoder_or_warn", "load_network_weights", "model.load_checkpoint",
+                  "if @encoder_ckpt else", "$@encoder_ckpt and")
+
+
+@pytest.mark.parametrize("bundle", EXPECTED_BUNDLES)
+def test_common_ids_have_one_name_and_one_meaning_in_every_bundle(bundle, bundle_path_cleanup):
+    """Every config set of every bundle (overrides merged after their base): no synonym of a common id, each
+    common id holds the same kind of value, the same seeding and weight routes in every train config."""
+    for files in config_sets(bundle):
+        where = " + ".join(f.name for f in files)
+        raw: dict = {}
+        for f in files:
+            raw.update(json.loads(f.read_text()))
+        text = json.dumps(raw)
+        for old in REMOVED_ROUTES:
+            assert old not in text, f"{bundle} {where}: loads weights through {old!r}"
+        for name in raw:
+            if name in DEPRECATED_ALIASES:
+                new = DEPRECATED_ALIASES[name]
+                assert raw[name] is None and f"@{name}" in str(raw.get(new)), \
+                    f"{bundle} {where}: deprecated '{name}' must be null and read by '{new}' only"
+            else:
+                assert name not in SYNONYMS, f"{bundle} {where}: '{name}' is a synonym of '{SYNONYMS.get(name)}'"
+        parser = bundle_parser(bundle, files)
+        for name, kind in COMMON_IDS.items():
+            if name not in raw or any(s in str(raw[name]) for s in ("dist.", "os.environ")):
+                continue  # torchrun's values exist only under torchrun
+            value = parser.get_parsed_content(name)
+            assert isinstance(value, kind) and not (kind is int and isinstance(value, bool)), \
+                f"{bundle} {where}: '{name}' = {value!r}, expected {kind}"
+        if "last_ckpt" in raw:
+            assert parser.get_parsed_content("last_ckpt").endswith("/last.pt")
+            assert raw["last_checkpoint_saver"]["last_filename"] == "$os.path.basename(@last_ckpt)"
+            assert raw["resume_loader"]["load_path"] == "@resume_ckpt"
+        if "best_checkpoint_saver" in raw:
+            assert raw["best_checkpoint_saver"]["save_key_metric"] is True
+        if "training" in raw:
+            training = raw["training"]
+            assert training[:2] == ["$@setup_distributed", "$monai.utils.set_determinism(seed=@seed + @rank)"], where
+            assert any(str(step).startswith("$scripts.encoder.load_encoder(") for step in training), where
+        if "ckpt" in raw and "training" not in raw and bundle != "ctfm_pretrain":
+            assert "scripts.encoder.load_model_weights(@network, @ckpt" in text, where
+
+
+@pytest.mark.parametrize("bundle, files, default", [
+    ("ctfm_triage", ["train.json"], [48, 128, 128]),
+    ("ctfm_triage", ["inference.json"], [48, 128, 128]),
+    ("ctfm_wholebody_seg", ["inference.json"], [96, 160, 160]),
+])
+def test_the_renamed_roi_size_still_sets_the_patch_size(bundle, files, default, bundle_path_cleanup):
+    """``--roi_size`` (documented before it was renamed ``patch_size``) keeps working; ``--patch_size`` too."""
+    paths = [BUNDLES_DIR / bundle / "configs" / f for f in files]
+    assert bundle_parser(bundle, paths).get_parsed_content("patch_size") == default
+    assert bundle_parser(bundle, paths, roi_size=[16, 32, 32]).get_parsed_content("patch_size") == [16, 32, 32]
+    assert bundle_parser(bundle, paths, patch_size=[8, 16, 16]).get_parsed_content("patch_size") == [8, 16, 16]

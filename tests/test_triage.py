@@ -37,7 +37,7 @@ TRAIN_EVAL = ["train.json", "evaluate.json"]
 SETTINGS = {  # the tiny recipe every workflow here shares
     "init_filters": 8,
     "spacing": [5.0, 3.0, 3.0],
-    "roi_size": [16, 32, 32],
+    "patch_size": [16, 32, 32],
     "windows": ["blood"],
     "num_workers": 0,
 }

@@ -251,7 +251,7 @@ def cli_run(tmp_path_factory):
     out = root / "out"
     cmd = [sys.executable, "-m", "ctfm_bundles.wholebody", str(root / "ct.nii.gz"), str(out), "--roi_subset",
            "liver,spleen", "--masks", "--ckpt", str(root / "tiny.safetensors"), "--device", "cpu",
-           "--init_filters", "8", "--spacing", "[8.0, 8.0, 8.0]", "--roi_size", "[32, 32, 32]", "--amp", "False"]
+           "--init_filters", "8", "--spacing", "[8.0, 8.0, 8.0]", "--patch_size", "[32, 32, 32]", "--amp", "False"]
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))  # what `pip install .` provides; run from elsewhere
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -39,7 +39,7 @@ import phantom
 BUNDLE = "ctfm_wholebody_seg"
 TINY = {"init_filters": 8, "spacing": [6.0, 6.0, 6.0]}
 TRAIN = {**TINY, "patch_size": [32, 32, 32], "num_workers": 0, "batch_size": 1, "sw_batch_size": 1}
-INFER = {**TINY, "roi_size": [32, 32, 32], "sw_batch_size": 1}
+INFER = {**TINY, "patch_size": [32, 32, 32], "sw_batch_size": 1}
 FINE_TUNE_LABELS = {"5": 1, "1": 2, "2": 3, "3": 3}  # ct_small: liver, spleen, both kidneys
 FINE_TUNE_EPOCHS = 15  # one iteration (two 16 x 64 x 64 patches at 6 mm) per epoch; resumed for as many again
 
@@ -295,7 +295,7 @@ v = t.get_parsed_content("validate#transforms")({{"image": ct, "label": labels, 
 print("VALUES", sorted(torch.unique(v["label"]).int().tolist()), v["label_path"])
 open({str(tmp_path / 'scan_a.nii.gz')!r}, "wb").write(b"garbage")
 p.update({{"input": {str(tmp_path / 'scan_*.nii.gz')!r}, "output_dir": {str(tmp_path / 'out')!r}, "ckpt": "",
-          "init_filters": 8, "roi_size": [32, 32, 32]}}); p.parse()
+          "init_filters": 8, "patch_size": [32, 32, 32]}}); p.parse()
 try:
     p.get_parsed_content("run")
 except RuntimeError as e:
