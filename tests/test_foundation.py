@@ -478,7 +478,7 @@ def test_one_freeze_schedule_for_every_bundle():
         handler(engine)
         network.train()  # what the trainer calls every iteration
         optimizer = torch.optim.SGD([p for p in network.parameters() if p.requires_grad], lr=0.1)
-        network(torch.rand(2, 1, 32, 32, 32))[0].sum().backward()
+        network(torch.rand(2, 1, 16, 16, 16))[0].sum().backward()
         optimizer.step()
         after = network.encoder.state_dict()
         weights = [k for k in before if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
