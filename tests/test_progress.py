@@ -69,7 +69,8 @@ def test_seg_sliding_window_progress_is_on_by_default():
     parser = ConfigParser()
     parser.read_config(str(BUNDLES_DIR / "ctfm_wholebody_seg" / "configs" / "inference.json"))
     assert parser.get_parsed_content("progress") is True
-    assert parser["inferer"]["progress"] == "@progress"
+    assert parser["window_inferer"]["progress"] == "@progress"
+    assert parser["coarse_inferer"]["progress"] == "@progress"  # the roi_subset crop's localising pass
 
 
 def test_semantic_search_logs_each_long_step(retrieval_scripts, tmp_path, caplog):
