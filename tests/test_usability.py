@@ -455,6 +455,11 @@ def test_roi_subset_crop_segments_the_chosen_structures_box_only(seg_config, tmp
     expected = np.zeros(image.shape, dtype=np.uint8)
     expected[6:14, 8:16, 30:38] = 5
     np.testing.assert_array_equal(labels, expected)
+    # the GPU default (MONAI's stitched float16 logits, no slab argmax): logits pasted, background outside
+    logits = seg_config(network, tmp_path / "logits", input=str(tmp_path / "ct.nii.gz"), slab_argmax=False,
+                        **settings)
+    assert logits["roi_subset_crop"] == crop
+    np.testing.assert_array_equal(np.asarray(nib.load(logits["outputs"]["label_map"]).dataobj), expected)
     # the box (SPL voxels of the preprocessed grid; the block is at S 30:38, P 40:48, L 50:58) holds the
     # block plus the 20 mm margin (14 voxels), clipped to the grid, and little more (the 3 mm pass's blur)
     for (start, stop), (low, high), size in zip(crop["box"], [(30, 38), (40, 48), (50, 58)], crop["image_shape"]):

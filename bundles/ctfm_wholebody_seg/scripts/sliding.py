@@ -217,7 +217,15 @@ class RoiSubsetCropInferer(Inferer):
         size = image.shape[2:]
         coarse_size = [max(1, round(n * s / c)) for n, s, c in zip(size, self.spacing, self.coarse_spacing)]
         coarse = F.interpolate(image.float(), size=coarse_size, mode="trilinear", align_corners=False)
-        out = self.coarse_inferer(coarse.to(image.dtype), network, *args, **kwargs)
+        window = getattr(self.coarse_inferer, "roi_size", None)
+        if window is not None:  # a scan smaller than the window: one window of its size (multiple of 16), not padded
+            self.coarse_inferer.roi_size = [min(int(r), 16 * math.ceil(n / 16)) for r, n in
+                                            zip(ensure_tuple_rep(window, len(coarse_size)), coarse_size)]
+        try:
+            out = self.coarse_inferer(coarse.to(image.dtype), network, *args, **kwargs)
+        finally:
+            if window is not None:
+                self.coarse_inferer.roi_size = window
         out = out.as_tensor() if isinstance(out, MetaTensor) else out
         labels = out[:, 0] if out.shape[1] == 1 and getattr(self.coarse_inferer, "argmax", False) else out.argmax(1)
         found = torch.isin(labels.round().long(), torch.tensor(self.channels, device=labels.device)).any(0)
