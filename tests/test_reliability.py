@@ -35,12 +35,14 @@ import numpy as np
 import pytest
 import torch
 from bad_inputs import (
+    EVALUATE_CASES,
     EXPECTED,
     LABEL_MAP_CASES,
     MR_WARNING,
     ROUND_2,
     SETTINGS_EXPECTED,
     body_volume,
+    unwritable_folder,
     write_corpus,
 )
 from conftest import BUNDLES_DIR, REPO_ROOT, run_bundle
@@ -475,6 +477,13 @@ def settings_cases(corpus, tmp_path) -> dict[str, list[dict]]:
         files[case] = {"training": [seg_item, bad], "validation": [bad]}
     # an evaluation goes on past a bad pair and scores the rest
     files["evaluate_past_bad_pairs"] = {"validation": [files["label_shifted_30mm"]["training"][1], seg_item]}
+    # ... and past files whose headers pass but whose data does not load (a truncated image, a truncated label)
+    data = (root / "good_labels.nii.gz").read_bytes()
+    (root / "truncated_labels.nii.gz").write_bytes(data[: len(data) // 2])
+    truncated_image = {"image": str(paths["truncated"]), "label": str(root / "good_labels.nii.gz")}
+    truncated_label = {"image": str(paths["good"]), "label": str(root / "truncated_labels.nii.gz")}
+    files["evaluate_past_load_failures"] = {"validation": [truncated_image, truncated_label, seg_item]}
+    files["evaluate_every_case_fails_to_load"] = {"validation": [truncated_image]}
     for name, content in files.items():
         (root / f"{name}.json").write_text(content if isinstance(content, str) else json.dumps(content))
     (root / "a_file").write_text("not a folder")
@@ -487,15 +496,18 @@ def settings_cases(corpus, tmp_path) -> dict[str, list[dict]]:
         "ctfm_retrieval": EMBED,
     }
     ckpts = {"ctfm_wholebody_seg": str(corpus["root"] / "seg.pt"), "ctfm_triage": str(corpus["root"] / "triage.pt")}
+    unwritable = unwritable_folder()  # None: no folder here that even root cannot create (case left out)
     by_bundle: dict[str, list[dict]] = {}
     for runner, (bundle, configs, run_id, data_id, labelled) in RUNNERS.items():
         good = root / ("good_seg.json" if bundle == "ctfm_wholebody_seg" else "good_triage.json")
-        for case in [*SETTINGS_EXPECTED, "evaluate_past_bad_pairs"]:
+        for case in dict.fromkeys([*SETTINGS_EXPECTED, *EVALUATE_CASES]):
             if case == "item_without_label" and not labelled:
                 continue
             if case in LABEL_MAP_CASES and runner not in ("seg_train", "seg_evaluate"):
                 continue
-            if case == "evaluate_past_bad_pairs" and runner != "seg_evaluate":
+            if case in EVALUATE_CASES and runner != "seg_evaluate":
+                continue
+            if case == "output_dir_unwritable" and unwritable is None:
                 continue
             out = root / "runs" / runner / case
             data = root / f"{case}.json" if case.startswith(("datalist", "item", "label", "evaluate")) else good
@@ -507,10 +519,14 @@ def settings_cases(corpus, tmp_path) -> dict[str, list[dict]]:
                 overrides["ckpt"] = ckpts[bundle]
             if case == "output_dir_is_a_file":
                 overrides["output_dir"] = str(root / "a_file")
+            if case == "output_dir_unwritable":
+                overrides["output_dir"] = unwritable
             if case == "device_cuda_without_cuda":
                 overrides["device"] = "cuda"
             files_named = {
                 "output_dir_is_a_file": [str(root / "a_file")],
+                "output_dir_unwritable": [str(unwritable)],
+                "evaluate_every_case_fails_to_load": [str(paths["truncated"]), "metrics_errors.csv"],
                 "device_cuda_without_cuda": ["--device cpu"],
                 "label_other_grid": [str(root / "other_grid.nii.gz"), str(paths["good"])],
                 "label_shifted_30mm": [str(root / "shifted.nii.gz"), str(paths["good"]), "30 mm"],
@@ -548,11 +564,25 @@ def test_bad_settings_end_in_one_line_naming_the_file_in_every_runner(corpus, tr
             assert result["ok"] and json.loads((out / "metrics.json").read_text())["num_cases"] == 1, result
             assert any(m.startswith("skipped: ") and "shifted.nii.gz" in m for m in result["log"]), result["log"]
             continue
+        if result["name"] == "evaluate_past_load_failures":  # each file that failed to load named, the rest scored
+            out = Path(result["output_dir"])
+            assert result["ok"], result["line"] or result["traceback"]
+            metrics = json.loads((out / "metrics.json").read_text())
+            assert metrics["num_cases"] == 1 and metrics["num_failed"] == 2, metrics
+            errors = list(csv.DictReader(open(out / "metrics_errors.csv")))
+            truncated_label = str(tmp_path / "truncated_labels.nii.gz")
+            assert [r["source"] for r in errors] == [str(corpus["paths"]["truncated"]), truncated_label], errors
+            assert [r["case"] for r in errors] == ["truncated", "good"]
+            assert [f["source"] for f in metrics["failed"]] == [r["source"] for r in errors]
+            for row in errors:
+                assert row["error"].startswith("truncated or corrupt file: EOFError"), row
+                assert f"failed: {row['source']}: {row['error']}; going on with the other cases" in result["log"]
+            continue
         if (result["traceback"] or SETTINGS_EXPECTED[result["name"]] not in line
                 or any(n not in line for n in named) or "\n" in line):
             tail = " | ".join((result["traceback"] or "").strip().splitlines()[-4:])
             problems.append(f"{result['runner']} / {result['name']}: {line or tail or 'ran without an error'}")
     assert not problems, "\n".join(problems)
-    # 5 cases x 8 runners, less the 4 runners that read no labels; 2 label-map cases x the 2 segmentation
-    # runners; an evaluation past bad pairs
-    assert len(results) == 5 * 8 - 4 + 2 * 2 + 1
+    # 5 cases x 8 runners (6 with a folder nobody can create), less the 4 runners that read no labels; 2 label-map
+    # cases x the 2 segmentation runners; 3 evaluations: past bad pairs, past load failures, every case failing
+    assert len(results) == (6 if unwritable_folder() else 5) * 8 - 4 + 2 * 2 + 3
