@@ -164,6 +164,7 @@ def test_seg_inference_batch_goes_on_past_every_bad_input(corpus, tmp_path):
         assert f"failed: {status[case]['error']}" in log  # the summary at the end of the log, one line each
         assert not (out / case).exists()  # nothing half-written for a failed scan
     assert f"{paths['mr_like']}: intensities" in log and MR_WARNING in log
+    assert "trained with" not in log  # weights without training settings (as the public release): nothing compared
     tiny = nib.load(out / "tiny" / "tiny_seg.nii.gz")
     assert tiny.shape == (8, 8, 4)  # padded for the network, written back on its own grid
     assert nib.load(out / "dicom_good" / "dicom_good_seg.nii.gz").shape == (32, 32, 8)
