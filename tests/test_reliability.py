@@ -540,6 +540,51 @@ def settings_cases(corpus, tmp_path) -> dict[str, list[dict]]:
     return by_bundle
 
 
+def test_read_only_or_forbidden_folders_end_in_one_line_naming_the_folder():
+    import errno
+    import os
+
+    from ctfm_common import runtime
+
+    for code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        wrapped = RuntimeError("applying transform <SaveImaged>")  # as MONAI wraps what a transform raised
+        wrapped.__cause__ = OSError(code, os.strerror(code), "/data/results")
+        line = runtime.user_error_line(wrapped)
+        assert line == f"/data/results: {os.strerror(code)} ({runtime._ENVIRONMENT_ERRNOS[code]})", line
+        assert "pick a writable --output_dir" in line
+    folder = unwritable_folder()  # the corpus runs every runner into it where this machine has one
+    if folder is not None:
+        with pytest.raises(OSError) as error:
+            Path(folder, "run").mkdir(parents=True)
+        assert runtime.user_error_line(error.value).startswith(f"{folder}: ")
+
+
+def test_training_settings_are_compared_only_with_the_weights_they_describe(tmp_path, caplog):
+    from ctfm_common import checkpoint
+
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(b"weights of a tiny run")
+    trained = {"spacing": (6.0, 6.0, 6.0), "patch_size": [32, 32, 32], "hu_min": -1024, "num_classes": 118}
+    assert checkpoint.write_training_settings(ckpt, trained) == tmp_path / "model.pt.settings.json"
+    with caplog.at_level(logging.INFO, logger="ctfm_common.checkpoint"):
+        same = {"spacing": [6, 6, 6], "roi_size": [32, 32, 32], "hu_min": -1024.0, "num_classes": 118}
+        assert checkpoint.check_training_settings(ckpt, same) == []
+        assert "trained with" not in caplog.text
+        assert checkpoint.check_training_settings(ckpt, {**same, "spacing": [1.5, 1.5, 1.5]}) == [
+            "spacing [1.5, 1.5, 1.5] (trained with [6.0, 6.0, 6.0])"]
+        assert f"{ckpt}: this run's settings differ" in caplog.text
+        caplog.clear()
+        ckpt.write_bytes(b"other weights written over the same path")  # the settings file is stale now
+        assert checkpoint.check_training_settings(ckpt, {**same, "spacing": [1.5, 1.5, 1.5]}) == []
+        assert "describes other weights" in caplog.text and "trained with" not in caplog.text
+        # no settings file (the public release, a hub id) or an unreadable one: nothing compared, no error
+        assert checkpoint.check_training_settings(tmp_path / "release.safetensors", same) == []
+        assert checkpoint.check_training_settings("project-lighter/whole_body_segmentation", same) == []
+        (tmp_path / "model.pt.settings.json").write_text("{not json")
+        assert checkpoint.check_training_settings(ckpt, same) == []
+        assert "unreadable training settings" in caplog.text
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the device case needs a machine without CUDA")
 def test_bad_settings_end_in_one_line_naming_the_file_in_every_runner(corpus, triage_ckpt, tmp_path):
     import os
