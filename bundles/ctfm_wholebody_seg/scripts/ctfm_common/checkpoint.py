@@ -111,17 +111,26 @@ class AtomicCheckpointSaver(CheckpointSaver):
                 # replaced in place by the atomic write instead, so there is always a checkpoint.
                 checkpoint.save_handler.remove = _keep_file
 
-    def _record_settings(self, checkpoint, saved_before: list) -> None:
-        """Write the settings beside the file ``checkpoint`` has just saved (if it saved one)."""
-        if self.settings is None or checkpoint is None or list(checkpoint._saved) == saved_before:
-            return
-        name = getattr(checkpoint.save_handler, "filename", None) or checkpoint._saved[-1].filename
-        write_training_settings(Path(self.save_dir) / name, self.settings)
+    def _latest_file(self, checkpoint) -> tuple | None:
+        """The file ``checkpoint`` wrote last, as (path, inode, mtime, size): an atomic save makes a new inode."""
+        name = getattr(checkpoint.save_handler, "filename", None) or (
+            checkpoint._saved[-1].filename if checkpoint._saved else None)
+        path = Path(self.save_dir) / name if name else None
+        if path is None or not path.is_file():
+            return None
+        stat = path.stat()
+        return path, stat.st_ino, stat.st_mtime_ns, stat.st_size
 
     def _saving(self, checkpoint, save, engine) -> None:
-        before = list(checkpoint._saved) if checkpoint is not None else []
+        """``save(engine)``, then the settings beside the file it wrote (if it wrote one)."""
+        if self.settings is None or checkpoint is None:
+            save(engine)
+            return
+        before = self._latest_file(checkpoint)
         save(engine)
-        self._record_settings(checkpoint, before)
+        after = self._latest_file(checkpoint)
+        if after is not None and after != before:
+            write_training_settings(after[0], self.settings)
 
     def metrics_completed(self, engine) -> None:
         self._saving(self._key_metric_checkpoint, super().metrics_completed, engine)
@@ -294,6 +303,16 @@ def settings_file(ckpt: str | os.PathLike) -> Path:
     return Path(os.fspath(ckpt) + SETTINGS_SUFFIX)
 
 
+def _sha256(path: str | os.PathLike) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _plain(value: Any) -> Any:
     """A setting as JSON holds it (tuples, tensors and NumPy values as lists and numbers)."""
     if hasattr(value, "tolist"):
@@ -318,10 +337,9 @@ def write_training_settings(ckpt: str | os.PathLike, settings: Mapping[str, Any]
     Returns:
         The settings file (:func:`settings_file`).
     """
-    from .encoder import weights_digest
     from .runtime import atomic_write_text
 
-    content = {"checkpoint": os.path.basename(os.fspath(ckpt)), "sha256": weights_digest(ckpt),
+    content = {"checkpoint": os.path.basename(os.fspath(ckpt)), "sha256": _sha256(ckpt),
                "settings": _plain(dict(settings))}
     return atomic_write_text(settings_file(ckpt), json.dumps(content, indent=2) + "\n")
 
@@ -354,9 +372,7 @@ def check_training_settings(ckpt: str | os.PathLike | None, settings: Mapping[st
     try:
         content = json.loads(settings_file(ckpt).read_text())
         trained = content["settings"]
-        from .encoder import weights_digest
-
-        if content.get("sha256") != weights_digest(ckpt):
+        if content.get("sha256") != _sha256(ckpt):
             logger.info(f"{settings_file(ckpt)} describes other weights than {ckpt}: settings not compared")
             return []
     except (OSError, ValueError, KeyError, TypeError) as e:
