@@ -270,6 +270,7 @@ def run_cases_in_one_process(bundle_root: str, cases: list[dict]) -> list[dict]:
     Each case: ``{"name", "config_files", "run_id", "overrides"}``.
     """
     import sys
+    import time
     import traceback
 
     sys.path.insert(0, bundle_root)
@@ -293,6 +294,7 @@ def run_cases_in_one_process(bundle_root: str, cases: list[dict]) -> list[dict]:
         loggers = [logging.getLogger(n) for n in ("ctfm_common.validate", "ctfm_wholebody_seg", "scripts")]
         for logger in loggers:
             logger.addHandler(collect)
+        start = time.perf_counter()
         try:
             run(case["run_id"], config_file=case["config_files"], **case["overrides"])
             result["ok"] = True
@@ -304,6 +306,7 @@ def run_cases_in_one_process(bundle_root: str, cases: list[dict]) -> list[dict]:
                 result["traceback"] = "".join(traceback.format_exception(e))[-3000:]
         for logger in loggers:
             logger.removeHandler(collect)
+        result["seconds"] = round(time.perf_counter() - start, 2)  # what each case costs the suite
         results.append(result)
     return results
 
