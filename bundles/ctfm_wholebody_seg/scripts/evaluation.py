@@ -34,9 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from monai.metrics import compute_dice, compute_surface_dice
-
 from monai.data import Dataset
+from monai.metrics import compute_dice, compute_surface_dice
 
 from .ctfm_common.inputs import case_name, case_names, case_source
 from .ctfm_common.runtime import UsageError
