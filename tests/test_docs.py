@@ -149,6 +149,14 @@ def test_documented_command_resolves(doc, line, cwd, variables):
         tokens = ["python", *tokens]
     if tokens[:3] == ["python", "-m", "monai.bundle"]:
         check_monai_bundle(tokens[3:], cwd, where)
+    elif tokens[0] == "ctfm-segment" or tokens[:3] == ["python", "-m", "ctfm_bundles.wholebody"]:
+        from ctfm_bundles.wholebody import parse_args
+
+        _, overrides = parse_args(tokens[1:] if tokens[0] == "ctfm-segment" else tokens[3:])
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLES_DIR / "ctfm_wholebody_seg" / "configs" / "inference.json"))
+        unknown = [k for k in overrides if k not in parser]
+        assert not unknown, f"{where}: {unknown} are not ids of ctfm_wholebody_seg/configs/inference.json"
     elif tokens[0] in ("python", "bash") and len(tokens) > 1 and tokens[1].startswith("tools/"):
         tool = REPO_ROOT / tokens[1]
         assert tool.is_file(), f"{where}: {tokens[1]} does not exist"
@@ -200,7 +208,8 @@ EXEMPT = {  # command prefix -> why the suite does not run it
     "bash tools/run_demo.sh": "the main job (and its venv setup); tests/test_demo.py runs tools/demo.py end to end",
     "bash tools/run_tests.sh": "the test suite itself",
     "pip install": "installs from a package index (network)",
-    "monailabel ": "MONAI Label app download and server (network, long-lived); tests/test_monailabel.py serves the bundle",
+    "monailabel ": "MONAI Label app download and server (network, long-lived); tests/test_monailabel.py serves "
+                   "the bundle",
     "mkdir -p apps/": "MONAI Label app setup, with the monailabel commands beside it",
     "cp -r bundles/ctfm_wholebody_seg apps/": "MONAI Label app setup, with the monailabel commands beside it",
     "python - ": "a Python snippet of the MONAI Label app setup (heredoc)",
@@ -221,9 +230,9 @@ _EMBED_TINY = {"init_filters": "8", "spacing": "[6,6,6]", "patch_size": "[16,32,
 _TRIAGE_TINY = {"init_filters": "8", "spacing": "[10,6,6]", "roi_size": "[16,32,32]", "max_epochs": "1",
                 "batch_size": "2", "num_workers": "0", "num_bootstrap": "10"}
 TINY = {  # first config (bundle/config) or tool -> overrides that replace the documented ones
-    "ctfm_pretrain/train.json": {"init_filters": "8", "spacing": "[3,3,3]", "patch_size": "[16,32,32]", "num_crops": "2",
-                                 "batch_size": "1", "max_epochs": "1", "epoch_length": "2", "checkpoint_interval": "2",
-                                 "warmup_epochs": "0", "num_workers": "0"},
+    "ctfm_pretrain/train.json": {"init_filters": "8", "spacing": "[3,3,3]", "patch_size": "[16,32,32]",
+                                 "num_crops": "2", "batch_size": "1", "max_epochs": "1", "epoch_length": "2",
+                                 "checkpoint_interval": "2", "warmup_epochs": "0", "num_workers": "0"},
     "ctfm_wholebody_seg/train.json": _SEG_TINY,
     "ctfm_wholebody_seg/inference.json": {"init_filters": "8", "spacing": "[8,8,8]", "roi_size": "[32,32,32]",
                                           "sw_batch_size": "1", "overlap": "0"},
@@ -237,14 +246,16 @@ TINY = {  # first config (bundle/config) or tool -> overrides that replace the d
     "tools/package_bundles.py package": {"init_filters": "8", "bundles": "ctfm_wholebody_seg"},
 }
 # documented path (from a scratch folder) -> the earlier output (scratch name, path) that stands in for it
+ENCODER = ("pretrain", "runs/pretrain/models/encoder.safetensors")
 OUTPUTS = {
-    ("pretrain", "runs/pretrain/models/checkpoint_iteration=50000.pt"): ("pretrain", "runs/pretrain/models/checkpoint_iteration=2.pt"),
+    ("pretrain", "runs/pretrain/models/checkpoint_iteration=50000.pt"):
+        ("pretrain", "runs/pretrain/models/checkpoint_iteration=2.pt"),
     ("pretrain", "bundles/ctfm_pretrain/models/checkpoint_final_iteration=N.pt"):
         ("pretrain", "runs/pretrain/models/checkpoint_final_iteration=2.pt"),
-    ("seg", "pretrain/encoder.safetensors"): ("pretrain", "runs/pretrain/models/encoder.safetensors"),
-    ("triage", "bundles/ctfm_pretrain/models/encoder.safetensors"): ("pretrain", "runs/pretrain/models/encoder.safetensors"),
-    ("retrieval", "models/encoder.safetensors"): ("pretrain", "runs/pretrain/models/encoder.safetensors"),
-    ("retrieval", "outputs/demo/pretrain/models/encoder.safetensors"): ("pretrain", "runs/pretrain/models/encoder.safetensors"),
+    ("seg", "pretrain/encoder.safetensors"): ENCODER,
+    ("triage", "bundles/ctfm_pretrain/models/encoder.safetensors"): ENCODER,
+    ("retrieval", "models/encoder.safetensors"): ENCODER,
+    ("retrieval", "outputs/demo/pretrain/models/encoder.safetensors"): ENCODER,
     ("repo", "model.pt"): ("seg", "bundles/ctfm_wholebody_seg/models/model.pt"),
     ("repo", "path/to/model.pt"): ("seg", "bundles/ctfm_wholebody_seg/models/model.pt"),
     ("repo", "hub/wholebody"): ("repo", "hub/seg"),
@@ -282,7 +293,8 @@ def _ordered() -> list[tuple[str, Path, str, Path]]:
     for name, doc in RUN_ORDER:
         lines = [(line, cwd) for line, cwd, _ in doc_commands(REPO_ROOT / doc)]
         prepare = [c for c in lines if re.match(r"python tools/(phantom|\w+_to_datalist)\.py", c[0])]
-        ordered += [(name, REPO_ROOT / doc, line, cwd) for line, cwd in prepare + [c for c in lines if c not in prepare]]
+        rest = [c for c in lines if c not in prepare]
+        ordered += [(name, REPO_ROOT / doc, line, cwd) for line, cwd in prepare + rest]
     return ordered
 
 
@@ -385,8 +397,8 @@ def _stage(name: str, root: Path, base_url: str) -> None:
         large.write_text(large.read_text().replace(hub, f"{base_url}/seg/served"))
     elif name == "triage":
         heads = root / "data" / "head_ct"
-        phantom.make_dataset(output_dir=str(heads), num_cases=8, kind="head", shape=(32, 32, 16), spacing=(6.0, 6.0, 10.0),
-                             datalist_name="phantom_datalist.json")
+        phantom.make_dataset(output_dir=str(heads), num_cases=8, kind="head", shape=(32, 32, 16),
+                             spacing=(6.0, 6.0, 10.0), datalist_name="phantom_datalist.json")
         items = json.loads((heads / "phantom_datalist.json").read_text())
         items = [i for section in items.values() if isinstance(section, list) for i in section]
         splits = ["training", "training", "validation", "testing"]  # per class, so every split has both
@@ -477,30 +489,36 @@ def doc_workspace(tmp_path_factory):
         httpd.server_close()
 
 
-def _run_scratch(name: str, workspace: Path, base_url: str, results: dict) -> str | None:
-    """Run scratch ``name``'s documented commands once per session; the failure message, or None."""
-    if name in results:
-        return results[name]
-    root = workspace / name
-    root.mkdir()
-    _stage(name, root, base_url)
-    plan = [_argv(name, root, workspace, base_url, line, cwd, tokens) for _, line, cwd, tokens in run_plan()[0][name]]
+def run_commands(plan: list[dict], root: Path) -> str | None:
+    """Run ``plan`` (entries of :func:`_argv`) with tests/doc_command_runner.py in ``root``: None when every
+    command succeeded, else a message naming the failed command, how it ran and its stderr tail."""
     (root / "plan.json").write_text(json.dumps(plan, indent=1))
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"),
                PYTHONPATH=str(REPO_ROOT), HF_HOME=str(root / "hf_home"), HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
-    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("doc_command_runner.py")), str(root / "plan.json")],
-                          cwd=root, capture_output=True, text=True, timeout=900, env=env)
+    runner = Path(__file__).with_name("doc_command_runner.py")
+    proc = subprocess.run([sys.executable, str(runner), str(root / "plan.json")], cwd=root, capture_output=True,
+                          text=True, timeout=900, env=env)
     (root / "runner.log").write_text(proc.stdout + proc.stderr)
-    results[name] = None
-    if proc.returncode != 0:
-        failed = re.search(r"@@@ FAILED (\d+)", proc.stderr)
-        index = int(failed.group(1)) if failed else -1
-        command = plan[index] if failed else {"line": "(the runner itself)", "argv": []}
-        stderr = proc.stderr.split(f"@@@ COMMAND {index}")[-1] if failed else proc.stderr
-        errors = "\n".join(re.findall(r"^\w*(?:Error|Exception)\b.*$", stderr, re.M)[:5])
-        results[name] = (f"documented command failed: {command['line']}\n  run as: {' '.join(command['argv'])}\n"
-                         f"  in {command.get('cwd', root)}\n--- errors ---\n{errors}\n--- stderr tail ---\n"
-                         f"{stderr[-3000:]}")
+    if proc.returncode == 0:
+        return None
+    failed = re.search(r"@@@ FAILED (\d+)", proc.stderr)
+    index = int(failed.group(1)) if failed else -1
+    command = plan[index] if failed else {"line": "(the runner itself)", "argv": []}
+    stderr = proc.stderr.split(f"@@@ COMMAND {index}")[-1] if failed else proc.stderr
+    errors = "\n".join(re.findall(r"^\w*(?:Error|Exception)\b.*$", stderr, re.M)[:5])
+    return (f"documented command failed: {command['line']}\n  run as: {' '.join(command['argv'])}\n"
+            f"  in {command.get('cwd', root)}\n--- errors ---\n{errors}\n--- stderr tail ---\n{stderr[-3000:]}")
+
+
+def _run_scratch(name: str, workspace: Path, base_url: str, results: dict) -> str | None:
+    """Run scratch ``name``'s documented commands once per session; the failure message, or None."""
+    if name not in results:
+        root = workspace / name
+        root.mkdir()
+        _stage(name, root, base_url)
+        plan = [_argv(name, root, workspace, base_url, line, cwd, tokens)
+                for _, line, cwd, tokens in run_plan()[0][name]]
+        results[name] = run_commands(plan, root)
     return results[name]
 
 
@@ -517,3 +535,15 @@ def test_documented_commands_run_on_phantoms(name, doc_workspace):
     assert failure is None, failure
     missing = [p for p in EXPECTED[name] if not (workspace / name / p).exists()]
     assert not missing, f"the documented commands of '{name}' did not write {missing}"
+
+
+def test_a_failing_documented_command_fails_with_the_command_and_its_stderr(tmp_path):
+    """The runner stops at the first failing command; the message names it and carries its error."""
+    good_line = "python tools/phantom.py body --output ok.nii.gz --shape 40,40,20 --spacing 3"
+    line = "python tools/phantom.py dataset --output_dir demo/phantoms --num_cases 0"
+    (tmp_path / "tools").symlink_to(REPO_ROOT / "tools")
+    plan = [_argv("repo", tmp_path, tmp_path, "", text, REPO_ROOT, shlex.split(text)) for text in (good_line, line)]
+    message = run_commands([*plan, plan[0]], tmp_path)
+    assert message is not None and message.startswith(f"documented command failed: {line}\n")
+    assert "num_cases" in message.split("--- errors ---")[1]
+    assert (tmp_path / "ok.nii.gz").is_file()
