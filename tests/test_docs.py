@@ -9,7 +9,7 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 """The documented commands cannot rot: every fenced ``bash`` block of the README, each bundle's
-``docs/README.md`` and ``docs/packaging.md`` is extracted, checked and run.
+``docs/README.md`` and ``docs/*.md`` is extracted, checked and run.
 
 Checked (every command):
 
@@ -52,7 +52,8 @@ import pytest
 from conftest import BUNDLES_DIR, REPO_ROOT
 from monai.bundle import ConfigParser
 
-DOCS = [REPO_ROOT / "README.md", REPO_ROOT / "docs" / "packaging.md", *sorted(BUNDLES_DIR.glob("*/docs/README.md"))]
+DOCS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md")),
+        *sorted(BUNDLES_DIR.glob("*/docs/README.md"))]
 # monai.bundle arguments that are not config ids
 MONAI_ARGS = {"config_file", "meta_file", "logging_file", "args_file", "tracking", "bundle_root", "net_id", "filepath",
               "ckpt_file", "key_in_ckpt", "use_trace", "input_shape", "converter_kwargs"}
@@ -218,11 +219,13 @@ EXEMPT = {  # command prefix -> why the suite does not run it
                                                                                  "--url form runs on a loopback server",
     "python tools/sync_bundles.py  ": "rewrites this repository's bundle copies; its --check form runs",
     "python tools/bench_": "a full-size benchmark (minutes); benchmarks run by hand, never timed in the suite",
+    "python tools/idc.py ": "the IDC corpus: download fetches from IDC's buckets (network) and the other steps work on "
+                            "its results; tests/test_idc.py runs select, download (local S3 stand-in) and convert",
 }
 # documents in the order their commands run (later ones reuse earlier outputs), each in its scratch folder
 RUN_ORDER = [("pretrain", "bundles/ctfm_pretrain/docs/README.md"), ("seg", "bundles/ctfm_wholebody_seg/docs/README.md"),
              ("triage", "bundles/ctfm_triage/docs/README.md"), ("retrieval", "bundles/ctfm_retrieval/docs/README.md"),
-             ("repo", "README.md"), ("repo", "docs/packaging.md")]
+             ("repo", "README.md"), ("repo", "docs/packaging.md"), ("repo", "docs/phantom.md")]
 _SEG_TINY = {"init_filters": "8", "spacing": "[8,8,8]", "patch_size": "[32,32,32]", "max_epochs": "1",
              "batch_size": "1", "num_workers": "0", "sw_batch_size": "1"}
 _EMBED_TINY = {"init_filters": "8", "spacing": "[6,6,6]", "patch_size": "[16,32,32]", "overlap": "0",
@@ -244,6 +247,8 @@ TINY = {  # first config (bundle/config) or tool -> overrides that replace the d
     "ctfm_retrieval/inference.json": {"init_filters": "8"},
     "ctfm_retrieval/cluster.json": {"perplexity": "2"},
     "tools/package_bundles.py package": {"init_filters": "8", "bundles": "ctfm_wholebody_seg"},
+    "tools/phantom.py body": {"shape": "40,40,20", "spacing": "3"},
+    "tools/phantom.py head": {"shape": "32,32,16", "spacing": "6,6,10"},
 }
 # documented path (from a scratch folder) -> the earlier output (scratch name, path) that stands in for it
 ENCODER = ("pretrain", "runs/pretrain/models/encoder.safetensors")
@@ -287,15 +292,17 @@ def _exemption(line: str) -> str | None:
 
 
 def _ordered() -> list[tuple[str, Path, str, Path]]:
-    """``(scratch name, doc, line, cwd)`` of every documented command, in RUN_ORDER; data preparation
-    (phantom and datalist tools) first within a document."""
+    """``(scratch name, doc, line, cwd)`` of every documented command, in RUN_ORDER (data preparation,
+    the phantom and datalist tools, first within a document), then those of the other documents (name None:
+    checked parse-only, so they must be exempt or like a command that runs)."""
     ordered = []
     for name, doc in RUN_ORDER:
         lines = [(line, cwd) for line, cwd, _ in doc_commands(REPO_ROOT / doc)]
         prepare = [c for c in lines if re.match(r"python tools/(phantom|\w+_to_datalist)\.py", c[0])]
         rest = [c for c in lines if c not in prepare]
         ordered += [(name, REPO_ROOT / doc, line, cwd) for line, cwd in prepare + rest]
-    return ordered
+    listed = {REPO_ROOT / doc for _, doc in RUN_ORDER}
+    return ordered + [(None, doc, line, cwd) for doc, line, cwd, _ in ALL if doc not in listed]
 
 
 def run_plan() -> tuple[dict, list[str]]:
@@ -312,7 +319,7 @@ def run_plan() -> tuple[dict, list[str]]:
         if key is None:
             problems.append(f"{where}\n  neither run by the suite nor in EXEMPT (with the reason)")
             continue
-        if key in seen or "..." in tokens:
+        if key in seen or "..." in tokens or name is None:  # None: a document outside RUN_ORDER
             parse_only.append((where, key))
             continue
         seen.add(key)
@@ -348,7 +355,7 @@ EXPECTED = {  # files (from a scratch folder) that the documented commands write
     "repo": ["dist/model_info.json", "bundles_dl/ctfm_wholebody_seg/configs/inference.json",
              "bundles_checked/ctfm_wholebody_seg/configs/inference.json",
              "bundles_extracted/ctfm_wholebody_seg/configs/inference.json", "hub/seg/README.md",
-             "hf_home/hub/models--OWNER--NAME/refs/main"],
+             "hf_home/hub/models--OWNER--NAME/refs/main", "ct.nii.gz", "ct_labels.nii.gz", "head.nii.gz"],
 }
 
 
