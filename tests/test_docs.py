@@ -203,7 +203,7 @@ def test_documented_demo_encoder_paths_are_where_the_pretrain_demo_writes():
 # checked parse-only (test_documented_command_resolves). Commands that cannot run offline on a CPU are
 # in EXEMPT, with the reason.
 
-EXEMPT = {  # command prefix -> why the suite does not run it
+EXEMPT = {  # command prefix (the whole command when it ends with $) -> why the suite does not run it
     "torchrun ": "multi-GPU data parallel (NCCL); its one-process form runs",
     "sbatch ": "a SLURM array job; the embed command it wraps runs",
     "bash tools/run_demo.sh": "the main job (and its venv setup); tests/test_demo.py runs tools/demo.py end to end",
@@ -217,7 +217,7 @@ EXEMPT = {  # command prefix -> why the suite does not run it
     "hf upload": "uploads to the Hugging Face hub (network, token)",
     "python -m monai.bundle download --name ctfm_wholebody_seg --source github": "a GitHub release (network); the "
                                                                                  "--url form runs on a loopback server",
-    "python tools/sync_bundles.py  ": "rewrites this repository's bundle copies; its --check form runs",
+    "python tools/sync_bundles.py$": "rewrites this repository's bundle copies; its --check form runs",
     "python tools/bench_": "a full-size benchmark (minutes); benchmarks run by hand, never timed in the suite",
     "python tools/idc.py ": "the IDC corpus: download fetches from IDC's buckets (network) and the other steps work on "
                             "its results; tests/test_idc.py runs select, download (local S3 stand-in) and convert",
@@ -288,7 +288,10 @@ def _command_key(tokens: list[str], cwd: Path) -> tuple | None:
 
 
 def _exemption(line: str) -> str | None:
-    return next((reason for prefix, reason in EXEMPT.items() if line.startswith(prefix)), None)
+    """EXEMPT's reason for ``line`` (compared without its comment), or None."""
+    command = " ".join(shlex.split(line, comments=True))
+    return next((reason for prefix, reason in EXEMPT.items()
+                 if (command == prefix[:-1] if prefix.endswith("$") else command.startswith(prefix))), None)
 
 
 def _ordered() -> list[tuple[str, Path, str, Path]]:
