@@ -563,6 +563,8 @@ def segment_cases(
                 )
             record.update(status="ok", outputs=outputs, seconds=round(time.perf_counter() - start, 2),
                           structures=int((np.unique(labels) > 0).sum()), stages={**stages, **detail})
+            if getattr(inferer, "last_crop", None):  # scripts.sliding.RoiSubsetCropInferer: the region it segmented
+                record["roi_subset_crop"] = dict(inferer.last_crop)
             logger.info(
                 f"{case}: wrote {outputs['label_map']} ({record['structures']} structures, {record['seconds']} s)"
             )
