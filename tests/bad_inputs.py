@@ -238,9 +238,29 @@ SETTINGS_EXPECTED: dict[str, str] = {
     "device_cuda_without_cuda": "a CUDA device was requested but this machine has none usable",
     "label_other_grid": "label map is not on the voxel grid of its image",
     "label_shifted_30mm": "label map is not on the voxel grid of its image",
+    "output_dir_unwritable": "pick a writable --output_dir",
+    "evaluate_every_case_fails_to_load": "every case of the evaluation failed",
 }
 #: cases of image/label pairs (label maps: the segmentation runners only)
 LABEL_MAP_CASES = ("label_other_grid", "label_shifted_30mm")
+#: cases of the evaluate runners only (a batch that goes on past bad cases; one where all fail)
+EVALUATE_CASES = ("evaluate_past_bad_pairs", "evaluate_past_load_failures", "evaluate_every_case_fails_to_load")
+#: a folder nobody can create, root included: sysfs refuses new folders (or is mounted read-only)
+UNWRITABLE_FOLDER = "/sys/ctfm_unwritable_output"
+
+
+def unwritable_folder() -> str | None:
+    """:data:`UNWRITABLE_FOLDER` when creating it fails here as it would on a read-only mount (``EROFS``,
+    ``EACCES`` or ``EPERM``), else ``None`` (no such place on this machine: the case is left out)."""
+    import errno
+    import os
+
+    try:
+        os.mkdir(UNWRITABLE_FOLDER)
+    except OSError as e:
+        return UNWRITABLE_FOLDER if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) else None
+    os.rmdir(UNWRITABLE_FOLDER)
+    return None
 
 
 def run_cases_in_one_process(bundle_root: str, cases: list[dict]) -> list[dict]:
@@ -250,6 +270,7 @@ def run_cases_in_one_process(bundle_root: str, cases: list[dict]) -> list[dict]:
     Each case: ``{"name", "config_files", "run_id", "overrides"}``.
     """
     import sys
+    import time
     import traceback
 
     sys.path.insert(0, bundle_root)
@@ -269,7 +290,11 @@ def run_cases_in_one_process(bundle_root: str, cases: list[dict]) -> list[dict]:
                   "output_dir": case.get("output_dir")}
         messages: list[str] = []
         result["log"] = messages
-        logging.getLogger("ctfm_common.validate").addHandler(Collect(logging.WARNING))
+        collect = Collect(logging.WARNING)
+        loggers = [logging.getLogger(n) for n in ("ctfm_common.validate", "ctfm_wholebody_seg", "scripts")]
+        for logger in loggers:
+            logger.addHandler(collect)
+        start = time.perf_counter()
         try:
             run(case["run_id"], config_file=case["config_files"], **case["overrides"])
             result["ok"] = True
@@ -279,6 +304,9 @@ def run_cases_in_one_process(bundle_root: str, cases: list[dict]) -> list[dict]:
             result["line"] = runtime.user_error_line(e)
             if result["line"] is None:
                 result["traceback"] = "".join(traceback.format_exception(e))[-3000:]
+        for logger in loggers:
+            logger.removeHandler(collect)
+        result["seconds"] = round(time.perf_counter() - start, 2)  # what each case costs the suite
         results.append(result)
     return results
 

@@ -8,7 +8,8 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Long steps show progress: occlusion saliency (minutes on a full-size scan) and seg sliding windows.
+"""Long steps show progress: occlusion saliency (minutes on a full-size scan), semantic search's
+read / encode / invert steps, and seg sliding windows.
 
 (The learning rate in TensorBoard is checked where training already runs: ``test_wholebody_seg.py``
 and ``test_triage.py``.)
@@ -68,4 +69,36 @@ def test_seg_sliding_window_progress_is_on_by_default():
     parser = ConfigParser()
     parser.read_config(str(BUNDLES_DIR / "ctfm_wholebody_seg" / "configs" / "inference.json"))
     assert parser.get_parsed_content("progress") is True
-    assert parser["inferer"]["progress"] == "@progress"
+    assert parser["window_inferer"]["progress"] == "@progress"
+    assert parser["coarse_inferer"]["progress"] == "@progress"  # the roi_subset crop's localising pass
+
+
+def test_semantic_search_logs_each_long_step(retrieval_scripts, tmp_path, caplog):
+    """Semantic search reads, encodes and inverts two scans (minutes on full-size CTs): each step is
+    announced as it starts, numbered, and the run ends with its total time."""
+    from monai import transforms as mt
+
+    search = importlib.import_module("scripts.semantic_search")
+    scans = []
+    for seed in (0, 1):
+        image, _, affine = make_body_phantom(shape=(24, 24, 16), spacing=(8.0, 8.0, 8.0), noise_hu=0.0, seed=seed)
+        scans.append(tmp_path / f"body{seed}.nii.gz")
+        nib.save(nib.Nifti1Image(image.astype(np.float32), affine), str(scans[-1]))
+    preprocessing = mt.Compose([
+        mt.LoadImaged("image", image_only=True), mt.EnsureChannelFirstd("image"), mt.Orientationd("image", "SPL"),
+        mt.ScaleIntensityRanged("image", -1024, 2048, 0, 1, clip=True), mt.DivisiblePadd("image", 16),
+    ])
+    net = retrieval_scripts.encoder.PooledEncoderHead(init_filters=8).eval()
+    with caplog.at_level(logging.INFO):
+        search.semantic_search(target=str(scans[1]), query_image=str(scans[0]), query_point=[0.0, 0.0, 0.0],
+                               preprocessing=preprocessing, network=net, output_dir=str(tmp_path), amp=False)
+    lines = [r.getMessage() for r in caplog.records if r.name == "ctfm_retrieval.semantic_search"]
+    steps = [m for m in (re.match(r"semantic search (\d+)/(\d+): (.+)", line) for line in lines) if m]
+    assert steps, f"no step lines in {lines}"
+    total = int(steps[0].group(2))
+    assert [int(m.group(1)) for m in steps] == list(range(1, total + 1))
+    said = " | ".join(m.group(3) for m in steps)
+    for words in (f"preprocessing {scans[0]}", "encoding the query", f"preprocessing {scans[1]}",
+                  "encoding the target", "inverting", "writing"):
+        assert words in said, f"no step '{words}' in: {said}"
+    assert re.search(r"semantic search done in \d+(\.\d+)? s", lines[-1]), lines[-1]

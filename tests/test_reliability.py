@@ -35,12 +35,14 @@ import numpy as np
 import pytest
 import torch
 from bad_inputs import (
+    EVALUATE_CASES,
     EXPECTED,
     LABEL_MAP_CASES,
     MR_WARNING,
     ROUND_2,
     SETTINGS_EXPECTED,
     body_volume,
+    unwritable_folder,
     write_corpus,
 )
 from conftest import BUNDLES_DIR, REPO_ROOT, run_bundle
@@ -50,11 +52,11 @@ from ctfm_common import validate
 ACCEPTED = sorted(k for k, v in EXPECTED.items() if v is None)
 REJECTED = sorted(k for k, v in EXPECTED.items() if v is not None)
 LOAD_TIME = {"truncated", "nan"}  # found while loading, not from the headers
-SEG = {"init_filters": 8, "spacing": [6.0, 6.0, 6.0], "roi_size": [32, 32, 32], "sw_batch_size": 1}
+SEG = {"init_filters": 8, "spacing": [6.0, 6.0, 6.0], "patch_size": [32, 32, 32], "sw_batch_size": 1}
 TRIAGE = {
     "init_filters": 8,
     "spacing": [5.0, 3.0, 3.0],
-    "roi_size": [16, 32, 32],
+    "patch_size": [16, 32, 32],
     "windows": ["stroke"],
     "num_workers": 0,
 }
@@ -162,6 +164,7 @@ def test_seg_inference_batch_goes_on_past_every_bad_input(corpus, tmp_path):
         assert f"failed: {status[case]['error']}" in log  # the summary at the end of the log, one line each
         assert not (out / case).exists()  # nothing half-written for a failed scan
     assert f"{paths['mr_like']}: intensities" in log and MR_WARNING in log
+    assert "trained with" not in log  # weights without training settings (as the public release): nothing compared
     tiny = nib.load(out / "tiny" / "tiny_seg.nii.gz")
     assert tiny.shape == (8, 8, 4)  # padded for the network, written back on its own grid
     assert nib.load(out / "dicom_good" / "dicom_good_seg.nii.gz").shape == (32, 32, 8)
@@ -475,6 +478,13 @@ def settings_cases(corpus, tmp_path) -> dict[str, list[dict]]:
         files[case] = {"training": [seg_item, bad], "validation": [bad]}
     # an evaluation goes on past a bad pair and scores the rest
     files["evaluate_past_bad_pairs"] = {"validation": [files["label_shifted_30mm"]["training"][1], seg_item]}
+    # ... and past files whose headers pass but whose data does not load (a truncated image, a truncated label)
+    data = (root / "good_labels.nii.gz").read_bytes()
+    (root / "truncated_labels.nii.gz").write_bytes(data[: len(data) // 2])
+    truncated_image = {"image": str(paths["truncated"]), "label": str(root / "good_labels.nii.gz")}
+    truncated_label = {"image": str(paths["good"]), "label": str(root / "truncated_labels.nii.gz")}
+    files["evaluate_past_load_failures"] = {"validation": [truncated_image, truncated_label, seg_item]}
+    files["evaluate_every_case_fails_to_load"] = {"validation": [truncated_image]}
     for name, content in files.items():
         (root / f"{name}.json").write_text(content if isinstance(content, str) else json.dumps(content))
     (root / "a_file").write_text("not a folder")
@@ -487,15 +497,18 @@ def settings_cases(corpus, tmp_path) -> dict[str, list[dict]]:
         "ctfm_retrieval": EMBED,
     }
     ckpts = {"ctfm_wholebody_seg": str(corpus["root"] / "seg.pt"), "ctfm_triage": str(corpus["root"] / "triage.pt")}
+    unwritable = unwritable_folder()  # None: no folder here that even root cannot create (case left out)
     by_bundle: dict[str, list[dict]] = {}
     for runner, (bundle, configs, run_id, data_id, labelled) in RUNNERS.items():
         good = root / ("good_seg.json" if bundle == "ctfm_wholebody_seg" else "good_triage.json")
-        for case in [*SETTINGS_EXPECTED, "evaluate_past_bad_pairs"]:
+        for case in dict.fromkeys([*SETTINGS_EXPECTED, *EVALUATE_CASES]):
             if case == "item_without_label" and not labelled:
                 continue
             if case in LABEL_MAP_CASES and runner not in ("seg_train", "seg_evaluate"):
                 continue
-            if case == "evaluate_past_bad_pairs" and runner != "seg_evaluate":
+            if case in EVALUATE_CASES and runner != "seg_evaluate":
+                continue
+            if case == "output_dir_unwritable" and unwritable is None:
                 continue
             out = root / "runs" / runner / case
             data = root / f"{case}.json" if case.startswith(("datalist", "item", "label", "evaluate")) else good
@@ -507,10 +520,14 @@ def settings_cases(corpus, tmp_path) -> dict[str, list[dict]]:
                 overrides["ckpt"] = ckpts[bundle]
             if case == "output_dir_is_a_file":
                 overrides["output_dir"] = str(root / "a_file")
+            if case == "output_dir_unwritable":
+                overrides["output_dir"] = unwritable
             if case == "device_cuda_without_cuda":
                 overrides["device"] = "cuda"
             files_named = {
                 "output_dir_is_a_file": [str(root / "a_file")],
+                "output_dir_unwritable": [str(unwritable)],
+                "evaluate_every_case_fails_to_load": [str(paths["truncated"]), "metrics_errors.csv"],
                 "device_cuda_without_cuda": ["--device cpu"],
                 "label_other_grid": [str(root / "other_grid.nii.gz"), str(paths["good"])],
                 "label_shifted_30mm": [str(root / "shifted.nii.gz"), str(paths["good"]), "30 mm"],
@@ -521,6 +538,51 @@ def settings_cases(corpus, tmp_path) -> dict[str, list[dict]]:
                 "config_files": [str(BUNDLES_DIR / bundle / "configs" / c) for c in configs],
             })
     return by_bundle
+
+
+def test_read_only_or_forbidden_folders_end_in_one_line_naming_the_folder():
+    import errno
+    import os
+
+    from ctfm_common import runtime
+
+    for code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        wrapped = RuntimeError("applying transform <SaveImaged>")  # as MONAI wraps what a transform raised
+        wrapped.__cause__ = OSError(code, os.strerror(code), "/data/results")
+        line = runtime.user_error_line(wrapped)
+        assert line == f"/data/results: {os.strerror(code)} ({runtime._ENVIRONMENT_ERRNOS[code]})", line
+        assert "pick a writable --output_dir" in line
+    folder = unwritable_folder()  # the corpus runs every runner into it where this machine has one
+    if folder is not None:
+        with pytest.raises(OSError) as error:
+            Path(folder, "run").mkdir(parents=True)
+        assert runtime.user_error_line(error.value).startswith(f"{folder}: ")
+
+
+def test_training_settings_are_compared_only_with_the_weights_they_describe(tmp_path, caplog):
+    from ctfm_common import checkpoint
+
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(b"weights of a tiny run")
+    trained = {"spacing": (6.0, 6.0, 6.0), "patch_size": [32, 32, 32], "hu_min": -1024, "num_classes": 118}
+    assert checkpoint.write_training_settings(ckpt, trained) == tmp_path / "model.pt.settings.json"
+    with caplog.at_level(logging.INFO, logger="ctfm_common.checkpoint"):
+        same = {"spacing": [6, 6, 6], "roi_size": [32, 32, 32], "hu_min": -1024.0, "num_classes": 118}
+        assert checkpoint.check_training_settings(ckpt, same) == []
+        assert "trained with" not in caplog.text
+        assert checkpoint.check_training_settings(ckpt, {**same, "spacing": [1.5, 1.5, 1.5]}) == [
+            "spacing [1.5, 1.5, 1.5] (trained with [6.0, 6.0, 6.0])"]
+        assert f"{ckpt}: this run's settings differ" in caplog.text
+        caplog.clear()
+        ckpt.write_bytes(b"other weights written over the same path")  # the settings file is stale now
+        assert checkpoint.check_training_settings(ckpt, {**same, "spacing": [1.5, 1.5, 1.5]}) == []
+        assert "describes other weights" in caplog.text and "trained with" not in caplog.text
+        # no settings file (the public release, a hub id) or an unreadable one: nothing compared, no error
+        assert checkpoint.check_training_settings(tmp_path / "release.safetensors", same) == []
+        assert checkpoint.check_training_settings("project-lighter/whole_body_segmentation", same) == []
+        (tmp_path / "model.pt.settings.json").write_text("{not json")
+        assert checkpoint.check_training_settings(ckpt, same) == []
+        assert "unreadable training settings" in caplog.text
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the device case needs a machine without CUDA")
@@ -548,11 +610,25 @@ def test_bad_settings_end_in_one_line_naming_the_file_in_every_runner(corpus, tr
             assert result["ok"] and json.loads((out / "metrics.json").read_text())["num_cases"] == 1, result
             assert any(m.startswith("skipped: ") and "shifted.nii.gz" in m for m in result["log"]), result["log"]
             continue
+        if result["name"] == "evaluate_past_load_failures":  # each file that failed to load named, the rest scored
+            out = Path(result["output_dir"])
+            assert result["ok"], result["line"] or result["traceback"]
+            metrics = json.loads((out / "metrics.json").read_text())
+            assert metrics["num_cases"] == 1 and metrics["num_failed"] == 2, metrics
+            errors = list(csv.DictReader(open(out / "metrics_errors.csv")))
+            truncated_label = str(tmp_path / "truncated_labels.nii.gz")
+            assert [r["source"] for r in errors] == [str(corpus["paths"]["truncated"]), truncated_label], errors
+            assert [r["case"] for r in errors] == ["truncated", "good"]
+            assert [f["source"] for f in metrics["failed"]] == [r["source"] for r in errors]
+            for row in errors:
+                assert row["error"].startswith("truncated or corrupt file: EOFError"), row
+                assert f"failed: {row['source']}: {row['error']}; going on with the other cases" in result["log"]
+            continue
         if (result["traceback"] or SETTINGS_EXPECTED[result["name"]] not in line
                 or any(n not in line for n in named) or "\n" in line):
             tail = " | ".join((result["traceback"] or "").strip().splitlines()[-4:])
             problems.append(f"{result['runner']} / {result['name']}: {line or tail or 'ran without an error'}")
     assert not problems, "\n".join(problems)
-    # 5 cases x 8 runners, less the 4 runners that read no labels; 2 label-map cases x the 2 segmentation
-    # runners; an evaluation past bad pairs
-    assert len(results) == 5 * 8 - 4 + 2 * 2 + 1
+    # 5 cases x 8 runners (6 with a folder nobody can create), less the 4 runners that read no labels; 2 label-map
+    # cases x the 2 segmentation runners; 3 evaluations: past bad pairs, past load failures, every case failing
+    assert len(results) == (6 if unwritable_folder() else 5) * 8 - 4 + 2 * 2 + 3

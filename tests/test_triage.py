@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -37,7 +38,7 @@ TRAIN_EVAL = ["train.json", "evaluate.json"]
 SETTINGS = {  # the tiny recipe every workflow here shares
     "init_filters": 8,
     "spacing": [5.0, 3.0, 3.0],
-    "roi_size": [16, 32, 32],
+    "patch_size": [16, 32, 32],
     "windows": ["blood"],
     "num_workers": 0,
 }
@@ -87,7 +88,7 @@ def shared_data_optional():
 def test_short_training_separates_held_out_phantoms(trained):
     root, common = trained["root"], trained["common"]
     models = root / "models"
-    assert (models / "model.pt").is_file() and (models / "model_last.pt").is_file()
+    assert (models / "model.pt").is_file() and (models / "last.pt").is_file()
     assert list((root / "train_out" / "tensorboard").glob("events.out.tfevents.*"))
     rates = tensorboard_scalars(root / "train_out" / "tensorboard")["learning_rate"]  # logged each iteration
     assert rates and rates[0] == pytest.approx(TRAIN["learning_rate"])
@@ -97,14 +98,25 @@ def test_short_training_separates_held_out_phantoms(trained):
     state = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
     assert state["threshold"].tolist() == pytest.approx([stored["thresholds"]["abnormal"]], abs=1e-6)
     # the last checkpoint remembers the best score, so a resumed run does not replace model.pt with worse weights
-    last = torch.load(models / "model_last.pt", map_location="cpu", weights_only=True)
+    last = torch.load(models / "last.pt", map_location="cpu", weights_only=True)
     assert {"model", "optimizer", "trainer", "best_saver"} <= set(last)
     (best_auc, best_file), = last["best_saver"]["_saved"]
     assert best_file.startswith("model") and 0.5 < best_auc <= 1.0
 
+    # both checkpoints carry the settings they were trained with, bound to their bytes
+    import hashlib
+
+    for name in ("model.pt", "last.pt"):
+        content = json.loads((models / f"{name}.settings.json").read_text())
+        assert content["sha256"] == hashlib.sha256((models / name).read_bytes()).hexdigest()
+        assert content["settings"] == {"spacing": [5.0, 3.0, 3.0], "patch_size": [16, 32, 32], "windows": ["blood"],
+                                       "window_dim": 0, "foreground_hu": 0, "label_names": ["abnormal"],
+                                       "init_filters": 8}
+
     out = root / "eval_test"
-    run_bundle(BUNDLE, TRAIN_EVAL, "run", timeout=300, output_dir=str(out), val_section="testing",
-               num_bootstrap=200, **common)
+    proc = run_bundle(BUNDLE, TRAIN_EVAL, "run", timeout=300, output_dir=str(out), val_section="testing",
+                      num_bootstrap=200, **common)
+    assert "trained with" not in proc.stdout + proc.stderr  # evaluated with the training settings: no warning
     report = json.loads((out / "metrics.json").read_text())
     entry = report["labels"]["abnormal"]
     assert report["num_cases"] == 24 and entry["num_positive"] == 12  # held-out heads, never trained on
@@ -131,8 +143,9 @@ def test_inference_applies_the_threshold_chosen_on_validation(trained, tmp_path,
         shutil.copytree(shared_data_optional / "totalseg_example" / "dicom", inputs / "dicom_series")
     out = tmp_path / "pred"
     args = {k: v for k, v in common.items() if k not in ("dataset_dir", "datalist")}
-    run_bundle(BUNDLE, "inference.json", "run", timeout=300, input=str(inputs / "*"), output_dir=str(out),
-               ckpt=str(root / "models" / "model.pt"), **{k: v for k, v in args.items() if k != "ckpt_dir"})
+    proc = run_bundle(BUNDLE, "inference.json", "run", timeout=300, input=str(inputs / "*"), output_dir=str(out),
+                      ckpt=str(root / "models" / "model.pt"), **{k: v for k, v in args.items() if k != "ckpt_dir"})
+    assert "trained with" not in proc.stdout + proc.stderr  # the training settings: nothing to warn of
     result = json.loads((out / "predictions.json").read_text())
     assert result["thresholds"]["abnormal"] == pytest.approx(stored, abs=1e-6)
     cases = {c["case"]: c for c in result["cases"]}
@@ -146,6 +159,24 @@ def test_inference_applies_the_threshold_chosen_on_validation(trained, tmp_path,
     rows = {r["case"]: r for r in csv.DictReader(open(out / "predictions.csv"))}
     assert set(rows) == set(cases)
     assert float(rows[good[0]["case"]]["threshold_abnormal"]) == pytest.approx(stored, abs=1e-6)
+
+
+def test_inference_settings_other_than_the_training_ones_are_warned_of(trained, triage_scripts, caplog):
+    from monai.bundle import ConfigParser
+
+    config = BUNDLES_DIR / BUNDLE / "configs" / "inference.json"
+    assert "$scripts.checkpoint.check_training_settings(@ckpt, @checkpoint_settings)" in json.loads(
+        config.read_text())["run"]
+    parser = ConfigParser()
+    parser.read_config(str(config))
+    parser.update({**SETTINGS, "spacing": [5.0, 2.0, 2.0], "windows": ["blood", "bone"]})
+    settings = parser.get_parsed_content("checkpoint_settings")
+    model = trained["root"] / "models" / "model.pt"
+    with caplog.at_level(logging.WARNING):
+        assert triage_scripts.checkpoint.check_training_settings(model, settings) == [
+            "spacing [5.0, 2.0, 2.0] (trained with [5.0, 3.0, 3.0])", "windows ['blood', 'bone'] (trained with "
+            "['blood'])"]
+    assert f"{model}: this run's settings differ from those the checkpoint was trained with" in caplog.text
 
 
 def test_metrics_agree_with_scikit_learn(triage_scripts):
@@ -193,7 +224,7 @@ def test_multi_window_input_loads_the_pretrained_one_channel_encoder(triage_scri
     parser.parse()
     network = parser.get_parsed_content("network_def").eval()
     assert network.encoder.conv_init.weight.shape[1] == 3
-    report = scripts.windows.load_pretrained_encoder(network, weights)
+    report = scripts.encoder.load_encoder_weights(network, weights)
     assert report.ok and len(report.loaded) == len(single.encoder.state_dict())
     expected = single.encoder.conv_init.weight.repeat(1, 3, 1, 1, 1) / 3
     assert torch.equal(network.encoder.conv_init.weight, expected)
@@ -216,13 +247,13 @@ def test_linear_probe_keeps_the_encoder_fixed_then_unfreezes(triage_scripts):
     encoder_before = {k: v.clone() for k, v in network.encoder.state_dict().items()}
     head_before = network.head[0].weight.clone()
     engine = Engine(lambda e, b: None)
-    handler = scripts.handlers.EncoderFreezeHandler(network, freeze_epochs=1)
+    handler = scripts.encoder.FreezeEncoder(network, epochs=1)
     engine.state.epoch = 1
     handler(engine)
     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-2)
-    network.train()  # what the trainer calls every iteration: the frozen encoder must stay in eval mode
-    assert not network.encoder.training
+    network.train()  # what the trainer calls every iteration: the frozen encoder must run in eval mode
     loss = network(torch.rand(2, 1, 16, 16, 16)).sum()
+    assert not network.encoder.training
     loss.backward()
     optimizer.step()
     assert all(torch.equal(v, encoder_before[k]) for k, v in network.encoder.state_dict().items())  # incl. BN stats

@@ -251,7 +251,7 @@ def cli_run(tmp_path_factory):
     out = root / "out"
     cmd = [sys.executable, "-m", "ctfm_bundles.wholebody", str(root / "ct.nii.gz"), str(out), "--roi_subset",
            "liver,spleen", "--masks", "--ckpt", str(root / "tiny.safetensors"), "--device", "cpu",
-           "--init_filters", "8", "--spacing", "[8.0, 8.0, 8.0]", "--roi_size", "[32, 32, 32]", "--amp", "False"]
+           "--init_filters", "8", "--spacing", "[8.0, 8.0, 8.0]", "--patch_size", "[32, 32, 32]", "--amp", "False"]
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))  # what `pip install .` provides; run from elsewhere
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -378,3 +378,95 @@ def test_dicom_seg_codes_colours_and_version(tmp_path, shared_data):
     assert scripts.dicom_seg.rgb_to_dicom_lab((255, 255, 255))[0] == 65535
     red = scripts.dicom_seg.rgb_to_dicom_lab((255, 0, 0))
     assert red[1] > 65535 * 128 / 255
+
+
+@pytest.fixture
+def seg_config(tmp_path):
+    """Run the seg bundle's ``configs/inference.json`` in this process (its ``scripts`` on ``sys.path``, as
+    ``monai.bundle run`` puts it) with a given network and overrides; returns the case's summary record."""
+    from monai.bundle import ConfigParser
+
+    saved = list(sys.path)
+    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+        del sys.modules[name]
+    sys.path.insert(0, str(BUNDLES_DIR / SEG))
+
+    def run(network: torch.nn.Module, out: Path, **overrides) -> dict:
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLES_DIR / SEG / "configs" / "inference.json"))
+        parser.update({"output_dir": str(out), "network": network, "ckpt": "", "device": "cpu", "amp": False,
+                       "progress": False, "save_preview": False, "save_csv": False, **overrides})
+        parser.get_parsed_content("run")
+        import json
+
+        return json.loads((out / "summary.json").read_text())["cases"][0]
+
+    yield run
+    sys.path[:] = saved
+    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+        del sys.modules[name]
+
+
+def _pointwise_liver_network() -> torch.nn.Module:
+    """A 118-channel network whose output at a voxel depends on that voxel only (1x1x1 convolution):
+    liver (label 5) where the scaled intensity is above 300 HU's neighbourhood, background elsewhere. With
+    no spatial context, the stitched logits of a crop equal the whole scan's inside the crop, exactly."""
+    network = torch.nn.Conv3d(1, 118, kernel_size=1)
+    with torch.no_grad():
+        network.weight.zero_()
+        network.bias.fill_(-1.0)
+        network.bias[0] = 0.0  # background
+        threshold = (170.0 + 1024.0) / 3072.0  # between soft tissue (40 HU) and the bright block (300 HU)
+        network.weight[5] = 100.0
+        network.bias[5] = -100.0 * threshold
+    return network.eval()
+
+
+def test_roi_subset_crop_segments_the_chosen_structures_box_only(seg_config, tmp_path, caplog):
+    """With a roi_subset at the full preset, a coarse pass at the fast preset's 3 mm finds the chosen
+    structures, the 1.5 mm pass runs on their box plus 20 mm only, and the label map pasted back into the
+    full grid equals the uncropped one (a network without spatial context: exactly); without the chosen
+    structures in the scan the whole scan is segmented, with one log line."""
+    import logging
+
+    import nibabel as nib
+    import numpy as np
+
+    image = np.full((64, 56, 48), 40.0, dtype=np.float32)  # soft tissue everywhere, 1.5 mm voxels
+    image[6:14, 8:16, 30:38] = 300.0  # the "liver": a bright block near one corner
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    nib.save(nib.Nifti1Image(image, affine), str(tmp_path / "ct.nii.gz"))
+    nib.save(nib.Nifti1Image(np.full_like(image, 40.0), affine), str(tmp_path / "no_liver.nii.gz"))
+    network = _pointwise_liver_network()
+    settings = {"roi_subset": "liver,spleen", "roi_size": [32, 32, 32], "speed_presets#fast#patch_size": [32, 32, 32]}
+    with caplog.at_level(logging.INFO):
+        cropped = seg_config(network, tmp_path / "crop", input=str(tmp_path / "ct.nii.gz"), **settings)
+        whole = seg_config(network, tmp_path / "whole", input=str(tmp_path / "ct.nii.gz"), roi_subset_crop=False,
+                           **settings)
+    crop = cropped["roi_subset_crop"]
+    assert crop["image_shape"] == [48, 56, 64]  # SPL order
+    assert np.prod(crop["crop_shape"]) < np.prod(crop["image_shape"]) / 4, crop  # the full pass's input shrank
+    assert any("roi_subset: full-resolution pass on" in r.getMessage() for r in caplog.records)
+    assert "roi_subset_crop" not in whole
+    seg = nib.load(cropped["outputs"]["label_map"])
+    assert seg.shape == image.shape and np.allclose(seg.affine, affine)
+    labels = np.asarray(seg.dataobj)
+    np.testing.assert_array_equal(labels, np.asarray(nib.load(whole["outputs"]["label_map"]).dataobj))
+    expected = np.zeros(image.shape, dtype=np.uint8)
+    expected[6:14, 8:16, 30:38] = 5
+    np.testing.assert_array_equal(labels, expected)
+    # the GPU default (MONAI's stitched float16 logits, no slab argmax): logits pasted, background outside
+    logits = seg_config(network, tmp_path / "logits", input=str(tmp_path / "ct.nii.gz"), slab_argmax=False,
+                        **settings)
+    assert logits["roi_subset_crop"] == crop
+    np.testing.assert_array_equal(np.asarray(nib.load(logits["outputs"]["label_map"]).dataobj), expected)
+    # the box (SPL voxels of the preprocessed grid; the block is at S 30:38, P 40:48, L 50:58) holds the
+    # block plus the 20 mm margin (14 voxels), clipped to the grid, and little more (the 3 mm pass's blur)
+    for (start, stop), (low, high), size in zip(crop["box"], [(30, 38), (40, 48), (50, 58)], crop["image_shape"]):
+        assert max(0, low - 14) - 4 <= start <= max(0, low - 14) and min(size, high + 14) <= stop <= min(size, high + 18)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        fallback = seg_config(network, tmp_path / "fallback", input=str(tmp_path / "no_liver.nii.gz"), **settings)
+    assert fallback["roi_subset_crop"]["crop_shape"] == fallback["roi_subset_crop"]["image_shape"]
+    assert [r.getMessage() for r in caplog.records if "found none of the chosen structures" in r.getMessage()]
+    assert not np.asarray(nib.load(fallback["outputs"]["label_map"]).dataobj).any()

@@ -39,7 +39,7 @@ import phantom
 BUNDLE = "ctfm_wholebody_seg"
 TINY = {"init_filters": 8, "spacing": [6.0, 6.0, 6.0]}
 TRAIN = {**TINY, "patch_size": [32, 32, 32], "num_workers": 0, "batch_size": 1, "sw_batch_size": 1}
-INFER = {**TINY, "roi_size": [32, 32, 32], "sw_batch_size": 1}
+INFER = {**TINY, "patch_size": [32, 32, 32], "sw_batch_size": 1}
 FINE_TUNE_LABELS = {"5": 1, "1": 2, "2": 3, "3": 3}  # ct_small: liver, spleen, both kidneys
 FINE_TUNE_EPOCHS = 15  # one iteration (two 16 x 64 x 64 patches at 6 mm) per epoch; resumed for as many again
 
@@ -206,11 +206,31 @@ def _check_extras(folder, case, seg):
 def test_inference_on_a_phantom_writes_label_map_on_the_input_grid_with_csv_and_preview(trained, tmp_path):
     image = trained["data"] / trained["content"]["validation"][0]["image"]
     out = tmp_path / "out"
-    run_bundle(BUNDLE, "inference.json", input=str(image), output_dir=str(out), ckpt=str(trained["model"]), **INFER)
+    proc = run_bundle(BUNDLE, "inference.json", input=str(image), output_dir=str(out), ckpt=str(trained["model"]),
+                      **INFER)
+    assert "trained with" not in proc.stdout + proc.stderr  # the settings the checkpoint was trained with
     seg = _check_label_map(out / "body_002" / "body_002_seg.nii.gz", image)
     _check_extras(out / "body_002", "body_002", seg)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_ok"] == 1 and summary["num_failed"] == 0
+
+
+def test_checkpoints_carry_their_training_settings_and_other_inference_settings_are_warned_of(trained, tmp_path):
+    import hashlib
+
+    for name in ("model.pt", "last.pt"):
+        content = json.loads((trained["ckpt_dir"] / f"{name}.settings.json").read_text())
+        assert content["sha256"] == hashlib.sha256((trained["ckpt_dir"] / name).read_bytes()).hexdigest()
+        assert content["settings"] == {"spacing": [6.0, 6.0, 6.0], "patch_size": [32, 32, 32], "hu_min": -1024,
+                                       "hu_max": 2048, "num_classes": 118, "init_filters": 8}
+    image = trained["data"] / trained["content"]["validation"][0]["image"]
+    proc = run_bundle(BUNDLE, "inference.json", input=str(image), output_dir=str(tmp_path / "out"),
+                      ckpt=str(trained["model"]), **{**INFER, "spacing": [8.0, 8.0, 8.0], "patch_size": [32, 32, 48]})
+    warning = (f"{trained['model']}: this run's settings differ from those the checkpoint was trained with: "
+               "spacing [8.0, 8.0, 8.0] (trained with [6.0, 6.0, 6.0]); patch_size [32, 32, 48] (trained with "
+               "[32, 32, 32]); results may be worse than the model can give")
+    assert warning in proc.stdout + proc.stderr
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["num_ok"] == 1  # a warning, not an error
 
 
 def test_inference_batch_real_ct_and_dicom_continues_past_a_bad_file(trained, tmp_path, shared_data):
@@ -251,8 +271,9 @@ def test_inference_batch_real_ct_and_dicom_continues_past_a_bad_file(trained, tm
 
 def test_evaluate_dice_equals_a_hand_computation(trained, tmp_path):
     out = tmp_path / "eval"
-    run_bundle(BUNDLE, ["train.json", "evaluate.json"], dataset_dir=str(trained["data"]), datalist=trained["datalist"],
-               output_dir=str(out), ckpt=str(trained["model"]), **TRAIN)
+    proc = run_bundle(BUNDLE, ["train.json", "evaluate.json"], dataset_dir=str(trained["data"]),
+                      datalist=trained["datalist"], output_dir=str(out), ckpt=str(trained["model"]), **TRAIN)
+    assert "trained with" not in proc.stdout + proc.stderr  # evaluated with the training settings: no warning
     item = trained["content"]["validation"][0]
     pred = np.asarray(nib.load(out / "predictions" / "body_002_seg.nii.gz").dataobj).squeeze()
     label = np.asarray(nib.load(trained["data"] / item["label"]).dataobj)
@@ -295,7 +316,7 @@ v = t.get_parsed_content("validate#transforms")({{"image": ct, "label": labels, 
 print("VALUES", sorted(torch.unique(v["label"]).int().tolist()), v["label_path"])
 open({str(tmp_path / 'scan_a.nii.gz')!r}, "wb").write(b"garbage")
 p.update({{"input": {str(tmp_path / 'scan_*.nii.gz')!r}, "output_dir": {str(tmp_path / 'out')!r}, "ckpt": "",
-          "init_filters": 8, "roi_size": [32, 32, 32]}}); p.parse()
+          "init_filters": 8, "patch_size": [32, 32, 32]}}); p.parse()
 try:
     p.get_parsed_content("run")
 except RuntimeError as e:

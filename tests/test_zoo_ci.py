@@ -14,7 +14,8 @@ What the zoo verifies for a bundle (its ``full`` mode): the necessary files ``co
 and ``LICENSE``; the preferred files ``models/model.pt`` and ``configs/inference.json``; the version
 listed in the changelog; the metadata against the zoo schema; the inference workflow's properties
 (``create_workflow(workflow_type="inference", ...).check_properties()``) for the apps the metadata
-declares in ``supported_apps``; ``verify_net_in_out`` and ``ckpt_export`` of the inference config's
+declares in ``supported_apps`` (here: for every bundle with an inference config, whose ``evaluator``
+then really runs on a phantom); ``verify_net_in_out`` and ``ckpt_export`` of the inference config's
 ``network_def`` from ``models/model.pt``. Here each bundle is copied to ``tmp_path`` (as after a zoo
 download), ``models/model.pt`` is written from random weights (no weights are committed) and the
 same calls run at ``init_filters`` 8. A bundle without ``configs/inference.json`` must say why in its
@@ -87,13 +88,13 @@ def test_zoo_ci_checks_pass_offline(bundle, bundle_copy):
     assert meta["version"] in meta["changelog"]
     # metadata against the schema the project carries
     verify_metadata(meta_file=str(root / "configs/metadata.json"), filepath=str(META_SCHEMA))
-    # workflow properties for the apps the bundle declares (the zoo checks MONAI's InferProperties)
-    if meta.get("supported_apps"):
-        workflow = create_workflow(
-            workflow_type="inference", config_file=str(inference), meta_file=str(root / "configs/metadata.json"),
-            logging_file=str(root / "configs/logging.conf"), bundle_root=str(root),
-        )
-        assert not workflow.check_properties()
+    # the inference workflow's properties (MONAI's InferProperties): checked for every bundle, not
+    # only where supported_apps is declared (the evaluator really runs: test_inference_evaluator_runs)
+    workflow = create_workflow(
+        workflow_type="infer", config_file=str(inference), meta_file=str(root / "configs/metadata.json"),
+        logging_file=str(root / "configs/logging.conf"), bundle_root=str(root), init_filters=INIT_FILTERS,
+    )
+    assert workflow.check_properties() == [], f"{bundle}: inference.json lacks MONAI inference properties"
     override = width_overrides(meta)
     verify_net_in_out(net_id="network_def", meta_file=str(root / "configs/metadata.json"), config_file=str(inference),
                       bundle_root=str(root), device="cpu", p=1, n=1, any=1, **override)
@@ -140,3 +141,80 @@ def test_retrieval_ckpt_export_works_on_the_exported_encoder(bundle_copy, tmp_pa
         expected = encoder(x)[-1].mean(dim=(2, 3, 4))
         for path in (root / "models/model.ts", tmp_path / "bare.ts"):
             torch.testing.assert_close(torch.jit.load(str(path))(x), expected, rtol=1e-4, atol=1e-5)
+
+
+# Per bundle: overrides that make its inference tiny, and what one phantom's prediction must look like.
+EVALUATOR_RUNS = {
+    "ctfm_wholebody_seg": {"spacing": [8.0, 8.0, 8.0], "roi_size": [32, 32, 32], "progress": False},
+    "ctfm_triage": {"spacing": [8.0, 8.0, 8.0], "roi_size": [16, 32, 32], "num_workers": 0},
+    "ctfm_retrieval": {"spacing": [8.0, 8.0, 8.0], "patch_size": [16, 32, 32], "num_workers": 0},
+}
+
+
+@pytest.mark.parametrize("bundle", sorted(EVALUATOR_RUNS))
+def test_inference_evaluator_runs_on_a_phantom(bundle, bundle_copy, tmp_path):
+    """The ``evaluator`` an app finds through MONAI's properties is the bundle's inference (same
+    preprocessing, network, inferer and postprocessing): it runs on a phantom CT and predicts what
+    ``run`` predicts in kind (a label map on the input grid, probabilities, an embedding)."""
+    import nibabel as nib
+    import numpy as np
+    from phantom import make_body_phantom
+
+    root = bundle_copy(bundle)
+    image, _, affine = make_body_phantom(shape=(24, 24, 16), spacing=(8.0, 8.0, 8.0), noise_hu=0.0)
+    scan = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(image.astype(np.float32), affine), str(scan))
+    workflow = create_workflow(
+        workflow_type="infer", config_file=str(root / "configs/inference.json"),
+        meta_file=str(root / "configs/metadata.json"), logging_file=str(root / "configs/logging.conf"),
+        bundle_root=str(root), input=str(scan), init_filters=INIT_FILTERS, device="cpu", amp=False,
+        **EVALUATOR_RUNS[bundle],
+    )
+    assert workflow.check_properties() == []
+    torch.manual_seed(0)
+    evaluator = workflow.evaluator
+    evaluator.run()
+    (output,) = evaluator.state.output
+    pred = output["pred"]
+    if bundle == "ctfm_wholebody_seg":  # an integer label map on the input's grid and affine
+        assert tuple(pred.shape) == (1, *image.shape) and pred.dtype == torch.uint8
+        np.testing.assert_allclose(np.asarray(pred.affine), affine, atol=1e-4)
+    elif bundle == "ctfm_triage":  # one probability per label
+        assert tuple(pred.shape) == (1,) and 0.0 <= float(pred[0]) <= 1.0
+    else:  # the scan's embedding, 16 x init_filters wide
+        assert tuple(pred.shape) == (16 * INIT_FILTERS,) and torch.isfinite(pred).all()
+
+
+# MONAI's TrainProperties each train config does not meet, and why (also in each bundle's docs). The
+# required ones (bundle_root, device, dataset_dir, trainer, max_epochs, train_dataset, train_inferer)
+# are met by all three; these optional ones are named differently on purpose:
+TRAIN_PROPERTY_EXCEPTIONS = {
+    # the datasets apply `train#transforms` / `validate#transforms` (preprocessing + augmentation),
+    # while MONAI expects `train#preprocessing` there; `train#preprocessing` is the recipe's
+    # deterministic part, shared with validation and evaluation
+    "ctfm_wholebody_seg": {"train_preprocessing", "val_preprocessing"},
+    # the same, and the evaluator's handlers are the top-level `val_handlers` (evaluate.json replaces them)
+    "ctfm_triage": {"train_preprocessing", "val_preprocessing", "val_handlers"},
+    "ctfm_pretrain": set(),
+}
+
+
+@pytest.mark.parametrize("bundle", sorted(TRAIN_PROPERTY_EXCEPTIONS))
+def test_train_workflow_properties(bundle, bundle_copy, tmp_path):
+    """``create_workflow(workflow_type="train").check_properties()`` on each train config, with a phantom
+    datalist: no required property missing, and only the documented optional differences."""
+    from phantom import make_dataset
+
+    root = bundle_copy(bundle)
+    data = tmp_path / "data"
+    datalist = make_dataset(output_dir=str(data), num_cases=3, kind="head" if bundle == "ctfm_triage" else "body",
+                            shape=(24, 24, 16), spacing=8.0)
+    workflow = create_workflow(
+        workflow_type="train", config_file=str(root / "configs/train.json"),
+        meta_file=str(root / "configs/metadata.json"), logging_file=str(root / "configs/logging.conf"),
+        bundle_root=str(root), init_filters=INIT_FILTERS, dataset_dir=str(data), datalist=datalist,
+        output_dir=str(tmp_path / "out"), num_workers=0,
+    )
+    assert set(workflow.check_properties()) == TRAIN_PROPERTY_EXCEPTIONS[bundle]
+    for reason in TRAIN_PROPERTY_EXCEPTIONS[bundle]:
+        assert reason in (root / "docs/README.md").read_text(), f"{bundle} docs must say why {reason} differs"

@@ -176,7 +176,7 @@ SEG_TRAIN_CASES, SEG_HELDOUT_CASES = 6, 4
 #: Head phantoms for triage: matched training pairs, validation heads, held-out heads.
 TRIAGE_HEADS = {"pairs": 16, "validation": 10, "testing": 24}
 #: The demo's triage grid and window: the blood window (0/80 HU) on a 5 x 3 x 3 mm grid, 16 x 32 x 32 voxels.
-TRIAGE = {"spacing": [5, 3, 3], "roi_size": [16, 32, 32], "windows": ["blood"]}
+TRIAGE = {"spacing": [5, 3, 3], "patch_size": [16, 32, 32], "windows": ["blood"]}
 #: Its training: 14 epochs; a left-right flip rather than the recipe's RandAffine, which on these few tiny
 #: heads did not learn the bleed (the check of the training machinery in tests/test_triage.py uses the same).
 TRIAGE_TRAIN = {"max_epochs": 14, "batch_size": 4, "learning_rate": 0.0005, "flip_prob": 0.5, "affine_prob": 0.0}
@@ -230,7 +230,7 @@ def build_steps(out: Path, data: dict[str, Path], init_filters: int) -> list[Ste
             f"ctfm_wholebody_seg: segment {case}",
             "ctfm_wholebody_seg", ["inference.json"], "run",
             dict(input=str(ct), output_dir=str(seg / "inference"), ckpt=str(seg / "models" / "model.pt"),
-                 init_filters=init_filters, spacing=SEG_SPACING, roi_size=SEG_PATCH, sw_batch_size=1, overlap=0.25),
+                 init_filters=init_filters, spacing=SEG_SPACING, patch_size=SEG_PATCH, sw_batch_size=1, overlap=0.25),
             {"segmentation (NIfTI)": seg / "inference" / case / f"{case}_seg.nii.gz",
              "segmentation preview (PNG)": seg / "inference" / case / f"{case}_preview.png",
              "structure volumes (CSV)": seg / "inference" / case / f"{case}_structures.csv"},

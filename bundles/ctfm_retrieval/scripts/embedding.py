@@ -24,6 +24,7 @@ aggregation of patch embeddings, and the resumable, shardable writer.
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import logging
@@ -36,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.data.utils import dense_patch_slices
+from monai.inferers import Inferer
 from torch import nn
 
 from .ctfm_common.encoder import weights_digest
@@ -81,28 +83,6 @@ def save_model(network: nn.Module, encoder_ckpt: str, path: str) -> Path:
     written = atomic_write(path, lambda tmp: torch.save(state, tmp))
     logger.info(f"saved {encoder_ckpt} as {written}")
     return written
-
-
-def load_encoder_or_warn(network: nn.Module, encoder_ckpt: str) -> nn.Module:
-    """Load ``encoder_ckpt`` strictly into ``network``; warn loudly when it is empty.
-
-    Args:
-        network: a network holding the shared encoder.
-        encoder_ckpt: weights (file, hub folder or repo id); empty keeps the random init.
-
-    Returns:
-        The network, in eval mode.
-    """
-    from .ctfm_common.encoder import load_encoder_weights
-
-    if encoder_ckpt:
-        load_encoder_weights(network, encoder_ckpt, strict=True)
-    else:
-        logger.warning(
-            "!!! encoder_ckpt is empty: the encoder is RANDOMLY INITIALISED, its embeddings carry no learned "
-            "meaning. Pass --encoder_ckpt (e.g. the pretrain bundle's encoder.safetensors or the CT-FM release). !!!"
-        )
-    return network.eval()
 
 
 def patch_grid(spatial_shape: Sequence[int], patch_size: Sequence[int], overlap: float) -> list[tuple[slice, ...]]:
@@ -214,6 +194,25 @@ class ScanEmbedder:
                 out["patch_embeddings"] = patches
                 out["patch_centers_world"] = torch.as_tensor(voxel_to_world(affine, centers), dtype=torch.float64)
         return out
+
+
+class EmbeddingInferer(Inferer):
+    """:class:`ScanEmbedder` as a MONAI ``Inferer``, for ``SupervisedEvaluator`` and apps that use the
+    bundle's ``inferer`` property: each image of a batch ``(B, 1, D, H, W)`` -> its embedding, ``(B, dim)``,
+    with the embedder's patch grid and aggregation and the ``network`` it is called with.
+
+    Args:
+        embedder: the bundle's ``embedder``.
+    """
+
+    def __init__(self, embedder: ScanEmbedder) -> None:
+        super().__init__()
+        self.embedder = embedder
+
+    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args, **kwargs) -> torch.Tensor:
+        embedder = copy.copy(self.embedder)
+        embedder.network = network
+        return torch.stack([embedder(image)["embedding"] for image in inputs]).to(inputs.device)
 
 
 def write_embedding_file(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:

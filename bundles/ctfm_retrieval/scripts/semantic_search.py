@@ -24,6 +24,7 @@ import csv
 import io
 import json
 import logging
+import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -38,6 +39,28 @@ from .ctfm_common.runtime import as_bool, atomic_write, atomic_write_text
 from .embedding import voxel_to_world
 
 logger = logging.getLogger("ctfm_retrieval.semantic_search")
+
+
+class _Steps:
+    """Numbered log lines for the long steps of one search (each takes minutes on a full-size CT):
+    ``semantic search 2/6: encoding ... (3.1 s so far)``, then ``semantic search done in ... s``."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.count = 0
+        self.start = time.perf_counter()
+
+    def __call__(self, what: str) -> None:
+        self.count += 1
+        elapsed = time.perf_counter() - self.start
+        logger.info(f"semantic search {self.count}/{self.total}: {what} ({elapsed:.1f} s so far)")
+
+    def done(self) -> None:
+        logger.info(f"semantic search done in {time.perf_counter() - self.start:.1f} s")
+
+
+def _voxels(image: torch.Tensor) -> str:
+    return " x ".join(str(int(n)) for n in image.shape[1:])
 
 
 def world_point(point: Sequence[float], point_space: str, image_path: str) -> np.ndarray:
@@ -244,9 +267,13 @@ def semantic_search(
     out_dir = Path(output_dir) / "semantic_search"
     out_dir.mkdir(parents=True, exist_ok=True)
     point = world_point(query_point, point_space, query_image)
+    same = target == query_image
+    step = _Steps(4 if same else 6)
 
+    step(f"reading and preprocessing {query_image}")
     query = preprocessing({"image": query_image})["image"]
     ras_voxel_order = as_bool(ras_voxel_order)
+    step(f"encoding the query scan ({_voxels(query)} voxels) on {device}")
     query_features = _features(network, query, feature_level, device, amp, ras_voxel_order)
     q_stride = np.array(query.shape[1:]) / np.array(query_features.shape[1:])
     q_voxel = voxel_to_world(np.linalg.inv(np.asarray(query.affine, dtype=np.float64)), point[None])[0]
@@ -257,12 +284,13 @@ def semantic_search(
     )
     vector = F.normalize(query_features[(slice(None), *q_index)], dim=0)
 
-    image = query if target == query_image else preprocessing({"image": target})["image"]
-    features = (
-        query_features
-        if target == query_image
-        else _features(network, image, feature_level, device, amp, ras_voxel_order)
-    )
+    if same:
+        image, features = query, query_features
+    else:
+        step(f"reading and preprocessing {target}")
+        image = preprocessing({"image": target})["image"]
+        step(f"encoding the target scan ({_voxels(image)} voxels) on {device}")
+        features = _features(network, image, feature_level, device, amp, ras_voxel_order)
     similarity = torch.einsum("c,cdhw->dhw", vector, F.normalize(features, dim=0))
     stride = np.array(image.shape[1:]) / np.array(features.shape[1:])
 
@@ -273,6 +301,7 @@ def semantic_search(
     matches_world = voxel_to_world(image.affine, centres)
 
     # the map on the preprocessed grid, then back onto the target's grid (MONAI inverse transforms)
+    step(f"inverting the similarity map onto the grid of {target}")
     upsampled = F.interpolate(
         similarity[None, None], size=tuple(image.shape[1:]), mode="trilinear", align_corners=False
     )[0]
@@ -289,6 +318,7 @@ def semantic_search(
         "similarity_map": str(nifti_path),
         "top_n": n,
     }
+    step("writing the matches, the summary and the PNG")
     inside: list = [None] * n
     if target_label:
         summary["hit_rate"], inside = hit_rate_inside_mask(matches_world, target_label, label_values)
@@ -314,10 +344,10 @@ def semantic_search(
     writer.writerows(rows)
     atomic_write_text(out_dir / f"{name}_matches.csv", buffer.getvalue())
     # through the query point when the target is the query image, else through the best match (marked)
-    shown_world = point if target == query_image else matches_world[0]
+    shown_world = point if same else matches_world[0]
     shown = nib.affines.apply_affine(np.linalg.inv(affine), np.asarray(shown_world, dtype=np.float64))
     shown = np.clip(np.rint(shown).astype(int), 0, np.array(map_array.shape) - 1)
-    marked = "query point" if target == query_image else "best match"
+    marked = "query point" if same else "best match"
     save_overlay_png(
         target_image,
         map_array,
@@ -331,4 +361,5 @@ def semantic_search(
         f"similarity map -> {nifti_path}; best match {matches_world[0].round(1).tolist()} mm "
         f"(score {rows[0]['score']:.3f})" + (f"; hit rate {summary['hit_rate']:.3f}" if target_label else "")
     )
+    step.done()
     return summary

@@ -24,9 +24,10 @@ from torch import nn
 
 from . import metrics
 from .ctfm_common.inputs import case_name
+from .ctfm_common.runtime import UsageError
 from .ctfm_common.validate import describe_failure
 from .handlers import PredictionCollector
-from .model import unwrap
+from .ctfm_common.encoder import unwrap
 from .report import metrics_rows, plot_roc, write_csv, write_json, write_predictions
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,16 @@ class ReportErrors:
 def first_item(batch: Sequence[Any]) -> Any:
     """Collate function for ``batch_size=1`` loaders that keep each item's own structure."""
     return batch[0]
+
+
+def prepare_item(batchdata: Mapping, device: torch.device | str | None = None, non_blocking: bool = False,
+                 **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """``prepare_batch`` of MONAI's ``SupervisedEvaluator`` over this bundle's loader (one item at a time,
+    :func:`first_item`): the image with a batch axis, no label; a scan that failed to load raises its
+    one-line error (from :class:`ReportErrors`)."""
+    if batchdata.get("error"):
+        raise ValueError(batchdata["error"])
+    return torch.as_tensor(batchdata["image"])[None].to(device=device, non_blocking=non_blocking), None
 
 
 def _labels_of(item: Mapping, label_names: Sequence[str]) -> dict | None:
@@ -100,7 +111,10 @@ def predict(
 
     Raises:
         RuntimeError: every scan failed (naming each scan and its problem; earlier outputs are left as they are).
+        UsageError: no scan to triage (an empty ``input``).
     """
+    if not len(dataloader):
+        raise UsageError("no scan to triage: pass --input (a CT file, a DICOM series folder, a glob or a datalist JSON)")
     device = torch.device(device)
     module = unwrap(network)
     module.eval()

@@ -22,10 +22,14 @@ fused multiply-add per window). Once no later window reaches a slice (windows co
 their first-axis start), the argmax of its sums is final: dividing by the summed weights, as
 MONAI does, does not change the argmax (one positive number per voxel), nor does a softmax.
 With ``argmax`` false it is MONAI's ``SlidingWindowInferer`` unchanged.
+
+:class:`RoiSubsetCropInferer` runs it on the region of a ``roi_subset`` only, found by a coarse pass.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -33,9 +37,11 @@ import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.data.utils import compute_importance_map, dense_patch_slices, get_valid_patch_size
-from monai.inferers import SlidingWindowInferer
+from monai.inferers import Inferer, SlidingWindowInferer
 from monai.inferers.utils import _get_scan_interval
 from monai.utils import convert_to_dst_type, ensure_tuple_rep, fall_back_tuple
+
+logger = logging.getLogger("ctfm_wholebody_seg")
 
 
 class SlabArgmaxInferer(SlidingWindowInferer):
@@ -142,3 +148,123 @@ class SlabArgmaxInferer(SlidingWindowInferer):
                 crop.append(slice(before, before + size[d]))
             labels = labels[tuple(crop)]
         return labels
+
+
+class RoiSubsetCropInferer(Inferer):
+    """The full-resolution sliding window on the chosen structures' region only (TotalSegmentator's
+    ``roi_subset`` speed-up, with this bundle's own network).
+
+    With ``channels`` (the output channels of the chosen structures) and ``enabled``, on an image finer
+    than ``coarse_spacing``: the image is resampled to ``coarse_spacing`` (trilinear), ``coarse_inferer``
+    runs the same network on it, the bounding box of the voxels whose argmax is one of ``channels`` plus
+    ``margin_mm`` on each side is mapped back to the image's grid, ``inferer`` runs on that crop only, and
+    its output is pasted into a full-size one that is background elsewhere (label 0, or logits whose
+    argmax is channel 0). When the coarse pass finds none of the chosen structures, ``inferer`` runs on the
+    whole image (one log line). Otherwise (no ``channels``, not ``enabled``, or an image not finer than
+    ``coarse_spacing``) it is ``inferer`` unchanged.
+
+    Args:
+        inferer: the full-resolution inferer (``SlabArgmaxInferer``).
+        coarse_inferer: the localising pass's inferer (the ``fast`` preset's window and overlap).
+        channels: output channels of the chosen structures in the network's output (``1..n`` after the
+            ``roi_subset`` channel cut, :class:`scripts.segment.CastOutput`); empty: no crop.
+        spacing: voxel size (mm) of the images this inferer gets (the preprocessing's ``spacing``).
+        coarse_spacing: voxel size (mm) of the localising pass (the ``fast`` preset's).
+        margin_mm: added around the structures' box on each side, in mm.
+        enabled: crop at all (``roi_subset_crop``).
+
+    After a call, ``last_crop`` holds ``{"image_shape", "crop_shape", "box"}`` (preprocessed grid, voxels;
+    ``box`` is ``[[start, stop], ...]``; ``crop_shape`` equals ``image_shape`` after the fallback), or is
+    empty when no crop was attempted; ``timings`` adds ``coarse_s`` to the full-resolution inferer's.
+    """
+
+    def __init__(self, inferer: Callable, coarse_inferer: Callable, channels: Sequence[int] = (),
+                 spacing: Sequence[float] = (1.5, 1.5, 1.5), coarse_spacing: Sequence[float] = (3.0, 3.0, 3.0),
+                 margin_mm: float = 20.0, enabled: bool = True) -> None:
+        super().__init__()
+        self.inferer = inferer
+        self.coarse_inferer = coarse_inferer
+        self.channels = sorted({int(c) for c in channels})
+        self.spacing = [float(s) for s in spacing]
+        self.coarse_spacing = [float(s) for s in coarse_spacing]
+        self.margin_mm = float(margin_mm)
+        self.enabled = str(enabled).lower() not in ("false", "0", "no", "")
+        self.last_crop: dict = {}
+        self.coarse_s = 0.0
+
+    # what segment_cases reads and sets on a SlabArgmaxInferer
+    @property
+    def argmax(self) -> bool:
+        return bool(getattr(self.inferer, "argmax", False))
+
+    @property
+    def sw_batch_size(self) -> int:
+        return int(self.inferer.sw_batch_size)
+
+    @sw_batch_size.setter
+    def sw_batch_size(self, value: int) -> None:
+        self.inferer.sw_batch_size = value
+        self.coarse_inferer.sw_batch_size = value
+
+    @property
+    def timings(self) -> dict[str, float]:
+        extra = {"coarse_s": round(self.coarse_s, 3)} if self.last_crop else {}
+        return {**getattr(self.inferer, "timings", {}), **extra}
+
+    def _box(self, image: torch.Tensor, network: Callable, *args, **kwargs) -> list[slice] | None:
+        """The chosen structures' box (plus the margin) on ``image``'s grid, or ``None`` when the coarse
+        pass finds none of them."""
+        size = image.shape[2:]
+        coarse_size = [max(1, round(n * s / c)) for n, s, c in zip(size, self.spacing, self.coarse_spacing)]
+        coarse = F.interpolate(image.float(), size=coarse_size, mode="trilinear", align_corners=False)
+        window = getattr(self.coarse_inferer, "roi_size", None)
+        if window is not None:  # a scan smaller than the window: one window of its size (multiple of 16), not padded
+            self.coarse_inferer.roi_size = [min(int(r), 16 * math.ceil(n / 16)) for r, n in
+                                            zip(ensure_tuple_rep(window, len(coarse_size)), coarse_size)]
+        try:
+            out = self.coarse_inferer(coarse.to(image.dtype), network, *args, **kwargs)
+        finally:
+            if window is not None:
+                self.coarse_inferer.roi_size = window
+        out = out.as_tensor() if isinstance(out, MetaTensor) else out
+        labels = out[:, 0] if out.shape[1] == 1 and getattr(self.coarse_inferer, "argmax", False) else out.argmax(1)
+        found = torch.isin(labels.round().long(), torch.tensor(self.channels, device=labels.device)).any(0)
+        if not bool(found.any()):
+            return None
+        box = []
+        for axis, (n, m) in enumerate(zip(size, coarse_size)):
+            hits = found.to(torch.uint8).amax(dim=tuple(d for d in range(found.ndim) if d != axis)).nonzero()[:, 0]
+            margin = math.ceil(self.margin_mm / self.spacing[axis])
+            start = math.floor(int(hits[0]) * n / m) - margin
+            stop = math.ceil((int(hits[-1]) + 1) * n / m) + margin
+            box.append(slice(max(0, start), min(n, stop)))
+        return box
+
+    def __call__(self, inputs: torch.Tensor, network: Callable, *args, **kwargs) -> torch.Tensor:
+        self.last_crop = {}
+        finer = any(s < c for s, c in zip(self.spacing, self.coarse_spacing))
+        if not (self.channels and self.enabled and finer):
+            return self.inferer(inputs, network, *args, **kwargs)
+        raw = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
+        size = list(raw.shape[2:])
+        start = time.perf_counter()
+        box = self._box(raw, network, *args, **kwargs)
+        self.coarse_s = time.perf_counter() - start
+        if box is None:
+            logger.info(f"roi_subset: the coarse pass ({self.coarse_spacing} mm) found none of the chosen "
+                        "structures: segmenting the whole scan")
+            self.last_crop = {"image_shape": size, "crop_shape": size, "box": [[0, n] for n in size]}
+            return self.inferer(inputs, network, *args, **kwargs)
+        crop = [b.stop - b.start for b in box]
+        self.last_crop = {"image_shape": size, "crop_shape": crop, "box": [[b.start, b.stop] for b in box]}
+        logger.info(f"roi_subset: full-resolution pass on {' x '.join(map(str, crop))} of "
+                    f"{' x '.join(map(str, size))} voxels (the chosen structures at {self.coarse_spacing} mm, "
+                    f"+ {self.margin_mm:g} mm)")
+        index = (slice(None), slice(None), *box)
+        out = self.inferer(raw[index], network, *args, **kwargs)
+        out = out.as_tensor() if isinstance(out, MetaTensor) else out
+        full = torch.zeros((out.shape[0], out.shape[1], *size), dtype=out.dtype, device=out.device)
+        if not (self.argmax and out.shape[1] == 1):  # logits: channel 0 (background) wins outside the box
+            full[:, 0] = 1
+        full[index] = out
+        return convert_to_dst_type(full, inputs, dtype=full.dtype)[0] if isinstance(inputs, MetaTensor) else full

@@ -9,14 +9,26 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Checkpoints that survive a kill: atomic writes, a fixed-name "last" file, resume lookup."""
+"""Checkpoints that survive a kill: atomic writes, a fixed-name "last" file, resume lookup, and the
+settings a checkpoint was trained with.
+
+Training settings (spacing, patch size, intensity window, classes, width) go to a JSON file beside
+each checkpoint, ``<checkpoint>.settings.json`` (:func:`write_training_settings`), bound to the
+checkpoint by its SHA-256. A sidecar, not an entry inside the checkpoint: ``model.pt`` stays a plain
+state dict that MONAI's ``CheckpointLoader``, ``ckpt_export`` and MONAI Label load strictly, and weights
+from elsewhere (the public release) simply have none. Evaluation and inference compare their own
+settings with it (:func:`check_training_settings`) and warn in one line when they differ.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from monai.handlers import CheckpointSaver
 
@@ -76,13 +88,16 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
     Args:
         last_filename: fixed name of the interval checkpoint (``save_interval > 0``).
+        settings: the training settings written beside every checkpoint saved
+            (:func:`write_training_settings`); ``None``: none.
         kwargs: ``CheckpointSaver`` arguments (``save_dir``, ``save_dict``, ``save_key_metric``,
             ``key_metric_filename``, ``save_final``, ``save_interval``, ``n_saved``, ...).
     """
 
-    def __init__(self, last_filename: str | None = None, **kwargs) -> None:
+    def __init__(self, last_filename: str | None = None, settings: Mapping[str, Any] | None = None, **kwargs) -> None:
         Path(kwargs["save_dir"]).mkdir(parents=True, exist_ok=True)
         super().__init__(**kwargs)
+        self.settings = dict(settings) if settings else None
         if last_filename and self._interval_checkpoint is not None:
             self._interval_checkpoint.save_handler.filename = last_filename
             self._interval_checkpoint.n_saved = None
@@ -95,6 +110,36 @@ class AtomicCheckpointSaver(CheckpointSaver):
                 # Ignite deletes the file it replaces before writing the new one; a fixed name is
                 # replaced in place by the atomic write instead, so there is always a checkpoint.
                 checkpoint.save_handler.remove = _keep_file
+
+    def _latest_file(self, checkpoint) -> tuple | None:
+        """The file ``checkpoint`` wrote last, as (path, inode, mtime, size): an atomic save makes a new inode."""
+        name = getattr(checkpoint.save_handler, "filename", None) or (
+            checkpoint._saved[-1].filename if checkpoint._saved else None)
+        path = Path(self.save_dir) / name if name else None
+        if path is None or not path.is_file():
+            return None
+        stat = path.stat()
+        return path, stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+    def _saving(self, checkpoint, save, engine) -> None:
+        """``save(engine)``, then the settings beside the file it wrote (if it wrote one)."""
+        if self.settings is None or checkpoint is None:
+            save(engine)
+            return
+        before = self._latest_file(checkpoint)
+        save(engine)
+        after = self._latest_file(checkpoint)
+        if after is not None and after != before:
+            write_training_settings(after[0], self.settings)
+
+    def metrics_completed(self, engine) -> None:
+        self._saving(self._key_metric_checkpoint, super().metrics_completed, engine)
+
+    def interval_completed(self, engine) -> None:
+        self._saving(self._interval_checkpoint, super().interval_completed, engine)
+
+    def completed(self, engine) -> None:
+        self._saving(self._final_checkpoint, super().completed, engine)
 
     def state_dict(self) -> dict:
         """The best-metric tracking state, so a resumed run keeps the best score to beat."""
@@ -124,6 +169,29 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint") -
     if best:
         logger.info(f"resuming from {best}")
     return best
+
+
+#: The fixed name of every train config's resumable checkpoint (``last_ckpt``).
+LAST_CHECKPOINT = "last.pt"
+#: Names that checkpoint had in earlier releases (the triage bundle wrote ``model_last.pt``).
+EARLIER_LAST_CHECKPOINTS = ("model_last.pt",)
+
+
+def resume_checkpoint(last_ckpt: str | os.PathLike) -> str:
+    """The checkpoint a rerun continues from: ``last_ckpt``, or, when only a run of an earlier release
+    is there, its file under an earlier name (:data:`EARLIER_LAST_CHECKPOINTS`) in the same folder.
+
+    Runs always write ``last_ckpt``; reading the earlier name keeps an existing run resumable.
+    """
+    path = Path(last_ckpt)
+    if path.is_file():
+        return os.fspath(last_ckpt)
+    for name in EARLIER_LAST_CHECKPOINTS:
+        earlier = path.with_name(name)
+        if earlier.is_file() and earlier != path:
+            logger.info(f"resuming from {earlier} (the name of this checkpoint before {path.name})")
+            return str(earlier)
+    return os.fspath(last_ckpt)
 
 
 def prepare_run(
@@ -245,3 +313,101 @@ def keep_schedule_length(trainer, lr_scheduler, **attributes) -> None:
             logger.info(f"learning rate at epoch {lr_scheduler.last_epoch} of the new schedule: {rates[0]:.3g}")
 
     trainer.add_event_handler(Events.STARTED, refit)
+
+
+#: what a settings file beside a checkpoint is called: ``model.pt`` -> ``model.pt.settings.json``
+SETTINGS_SUFFIX = ".settings.json"
+#: inference ids that are a training setting under another name (the sliding window is the patch)
+SAME_SETTING = {"roi_size": "patch_size"}
+
+
+def settings_file(ckpt: str | os.PathLike) -> Path:
+    """The training settings file of a checkpoint (:data:`SETTINGS_SUFFIX`)."""
+    return Path(os.fspath(ckpt) + SETTINGS_SUFFIX)
+
+
+def _sha256(path: str | os.PathLike) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _plain(value: Any) -> Any:
+    """A setting as JSON holds it (tuples, tensors and NumPy values as lists and numbers)."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    return str(value)
+
+
+def write_training_settings(ckpt: str | os.PathLike, settings: Mapping[str, Any]) -> Path:
+    """Write the settings ``ckpt`` was trained with beside it, atomically, with the checkpoint's SHA-256
+    (so a file later replaced by other weights is not judged by them).
+
+    Args:
+        ckpt: the checkpoint just saved.
+        settings: preprocessing and network settings (``spacing``, ``patch_size``, ``hu_min``, ...).
+
+    Returns:
+        The settings file (:func:`settings_file`).
+    """
+    from .runtime import atomic_write_text
+
+    content = {"checkpoint": os.path.basename(os.fspath(ckpt)), "sha256": _sha256(ckpt),
+               "settings": _plain(dict(settings))}
+    return atomic_write_text(settings_file(ckpt), json.dumps(content, indent=2) + "\n")
+
+
+def _same(a: Any, b: Any) -> bool:
+    a, b = _plain(a), _plain(b)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return abs(float(a) - float(b)) <= 1e-6 * max(1.0, abs(float(a)), abs(float(b)))
+    return a == b
+
+
+def check_training_settings(ckpt: str | os.PathLike | None, settings: Mapping[str, Any]) -> list[str]:
+    """Warn in one log line when ``settings`` differ from those ``ckpt`` was trained with.
+
+    Weights without a settings file (the public release, a hub id, a file copied alone) or whose
+    settings file describes other weights (another SHA-256) are not compared, silently.
+
+    Args:
+        ckpt: the weights the run loads.
+        settings: this run's values, by config id (an inference ``roi_size`` is compared with the
+            training ``patch_size``, :data:`SAME_SETTING`).
+
+    Returns:
+        One ``"<id> <value here> (trained with <value>)"`` per difference.
+    """
+    if not ckpt or not os.path.isfile(os.fspath(ckpt)) or not settings_file(ckpt).is_file():
+        return []
+    try:
+        content = json.loads(settings_file(ckpt).read_text())
+        trained = content["settings"]
+        if content.get("sha256") != _sha256(ckpt):
+            logger.info(f"{settings_file(ckpt)} describes other weights than {ckpt}: settings not compared")
+            return []
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        logger.warning(f"{settings_file(ckpt)}: unreadable training settings ({e}); settings not compared")
+        return []
+    differences = []
+    for key, value in settings.items():
+        name = key if key in trained else SAME_SETTING.get(key, key)
+        if name in trained and not _same(value, trained[name]):
+            was = f"{name} {_plain(trained[name])}" if name != key else f"{_plain(trained[name])}"
+            differences.append(f"{key} {_plain(value)} (trained with {was})")
+    if differences:
+        logger.warning(f"{ckpt}: this run's settings differ from those the checkpoint was trained with: "
+                       f"{'; '.join(differences)}; results may be worse than the model can give")
+    return differences

@@ -697,6 +697,7 @@ def load_datalist(
     keys: Sequence[str] = ("image",),
     check_files: bool = True,
     skip_bad: bool = False,
+    failures: list | None = None,
 ) -> list[dict[str, Any]]:
     """The items of one section of a decathlon datalist, checked before any training or evaluation starts.
 
@@ -713,6 +714,8 @@ def load_datalist(
         check_files: run the header and grid checks on every item.
         skip_bad: log and leave out items whose files fail (a batch evaluation goes on); otherwise
             the first bad item stops the run (training must not quietly drop data).
+        failures: with ``skip_bad``, a list the left-out items are added to (``case``: the image,
+            ``source``: the file at fault, ``error``: the problem), for a batch's error report.
 
     Returns:
         The items, with absolute paths.
@@ -740,7 +743,7 @@ def load_datalist(
     if not isinstance(entries, list):
         raise UsageError(f"{path}: '{section}' must be a list of items")
     base = Path(dataset_dir) if dataset_dir else path.parent
-    items, failures = [], []
+    items, skipped = [], []
     for index, entry in enumerate(entries):
         item = {keys[0]: entry} if isinstance(entry, str) else entry
         if not isinstance(item, dict) or any(k not in item for k in keys):
@@ -761,11 +764,13 @@ def load_datalist(
                 if not skip_bad:
                     raise InputError(e.source, f"{e.problem} (item {index} of '{section}' in {path})") from None
                 logger.error(f"skipped: {e}")
-                failures.append(str(e))
+                skipped.append(str(e))
+                if failures is not None:
+                    failures.append({"case": str(item[keys[0]]), "source": e.source, "error": e.problem})
                 continue
         items.append(item)
-    if failures:
-        logger.warning(f"{len(failures)} of {len(entries)} item(s) of '{section}' in {path} skipped (listed above)")
+    if skipped:
+        logger.warning(f"{len(skipped)} of {len(entries)} item(s) of '{section}' in {path} skipped (listed above)")
     if not items:
-        raise UsageError(f"{path}: no usable item in '{section}': {len(failures)} bad, the first: {failures[0]}")
+        raise UsageError(f"{path}: no usable item in '{section}': {len(skipped)} bad, the first: {skipped[0]}")
     return items
