@@ -75,10 +75,10 @@ from ctfm_common.runtime import atomic_write, atomic_write_text  # noqa: E402
 #: Sizes of a run (data only). ``cpu`` is the documented default (about 12 minutes a seed, 36 for
 #: the default 3 seeds, on 2 CPU cores); ``small`` about a third of it (for a loaded machine);
 #: ``tiny`` is the CI smoke test of the command; ``gpu`` is the device run: the contract's encoder
-#: width (init_filters 32), the recipe's crops, spacing and learning rates. Pretraining keeps the recipe's learning rate
-#: (1e-4, no warm-up at these step counts: 1e-3 collapsed the embeddings to one point within
-#: a few steps, the loss stuck at log(candidates)); the decoder of the few-shot probe uses 1e-3
-#: at the miniature sizes (tens of steps instead of the recipe's 300 epochs).
+#: width (init_filters 32), the recipe's crops, spacing and learning rates. Pretraining keeps the
+#: recipe's learning rate (1e-4, no warm-up at these step counts: 1e-3 collapsed the embeddings to
+#: one point within a few steps, the loss stuck at log(candidates)); the decoder of the few-shot
+#: probe uses 1e-3 at the miniature sizes (tens of steps instead of the recipe's 300 epochs).
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": {
         "seeds": [0], "init_filters": 8, "spacing": [8.0, 8.0, 8.0],
