@@ -16,6 +16,7 @@ user runs them, so two bundles' ``scripts`` packages never meet in one interpret
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -71,6 +72,24 @@ def run_bundle(
             f"\n--- stderr ---\n{proc.stderr[-6000:]}"
         )
     return proc
+
+
+@contextlib.contextmanager
+def serve_folder(folder: str | os.PathLike):
+    """A plain HTTP server on 127.0.0.1 serving ``folder`` while the block runs; yields its base URL."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *args, **kwargs: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 @pytest.fixture(scope="session")

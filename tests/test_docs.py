@@ -49,7 +49,7 @@ from string import Template
 
 import numpy as np
 import pytest
-from conftest import BUNDLES_DIR, REPO_ROOT
+from conftest import BUNDLES_DIR, REPO_ROOT, serve_folder
 from monai.bundle import ConfigParser
 
 DOCS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md")),
@@ -482,21 +482,9 @@ def _argv(name: str, root: Path, workspace: Path, base_url: str, line: str, cwd:
 @pytest.fixture(scope="session")
 def doc_workspace(tmp_path_factory):
     """``(folder, base URL, results)``: one scratch folder per SCRATCHES entry, served on 127.0.0.1."""
-    import functools
-    import http.server
-    import threading
-
     folder = tmp_path_factory.mktemp("documented")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
-    handler.log_message = lambda *args, **kwargs: None
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield folder, f"http://127.0.0.1:{httpd.server_address[1]}", {}
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with serve_folder(folder) as base_url:
+        yield folder, base_url, {}
 
 
 def run_commands(plan: list[dict], root: Path) -> str | None:

@@ -18,19 +18,16 @@
 
 from __future__ import annotations
 
-import functools
-import http.server
 import os
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import BUNDLE_NAMES, BUNDLES_DIR, REPO_ROOT
+from conftest import BUNDLE_NAMES, BUNDLES_DIR, REPO_ROOT, serve_folder
 
 SEG = "ctfm_wholebody_seg"
 RELEASES = {
@@ -54,16 +51,8 @@ def loopback_server(tmp_path):
     """A plain HTTP server on 127.0.0.1 serving ``tmp_path / "served"``; yields ``(folder, base_url)``."""
     folder = tmp_path / "served"
     folder.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
-    handler.log_message = lambda *args, **kwargs: None
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield folder, f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with serve_folder(folder) as base_url:
+        yield folder, base_url
 
 
 @pytest.mark.parametrize("bundle", BUNDLE_NAMES)
