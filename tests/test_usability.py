@@ -214,13 +214,26 @@ def test_pyproject_console_script_resolves():
     assert (bundle_dir(SEG) / "configs" / "inference.json").is_file()
 
 
+def liver_everywhere_weights(path: Path) -> Path:
+    """Tiny seg weights (init_filters 8) whose output heads favour the liver everywhere (then the stomach)."""
+    from monai.networks.nets import SegResNetDS
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    network = SegResNetDS(spatial_dims=3, in_channels=1, init_filters=8, blocks_down=[1, 2, 2, 4, 4],
+                          out_channels=118, dsdepth=4)
+    state = network.state_dict()
+    for key in [k for k in state if k.endswith("head.bias")]:
+        state[key][5] += 50.0  # liver wins everywhere
+        state[key][6] += 40.0  # stomach second
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory):
     """``python -m ctfm_bundles.wholebody CT OUT --roi_subset liver,spleen --masks`` on a body phantom with
     tiny weights whose output heads favour the liver (then the stomach): the console command end to end."""
-    from monai.networks.nets import SegResNetDS
-    from safetensors.torch import save_file
-
     sys.path.insert(0, str(REPO_ROOT / "tools"))
     try:
         import phantom
@@ -229,14 +242,7 @@ def cli_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     image, labels, affine = phantom.make_body_phantom(shape=(40, 32, 24), spacing=(8.0, 8.0, 10.0), seed=1)
     phantom.save_phantom(image, labels, affine, image_path=root / "ct.nii.gz", label_path=root / "ct_labels.nii.gz")
-    torch.manual_seed(0)
-    network = SegResNetDS(spatial_dims=3, in_channels=1, init_filters=8, blocks_down=[1, 2, 2, 4, 4],
-                          out_channels=118, dsdepth=4)
-    state = network.state_dict()
-    for key in [k for k in state if k.endswith("head.bias")]:
-        state[key][5] += 50.0  # liver wins everywhere
-        state[key][6] += 40.0  # stomach second
-    save_file({k: v.contiguous() for k, v in state.items()}, str(root / "tiny.safetensors"))
+    liver_everywhere_weights(root / "tiny.safetensors")
     out = root / "out"
     cmd = [sys.executable, "-m", "ctfm_bundles.wholebody", str(root / "ct.nii.gz"), str(out), "--roi_subset",
            "liver,spleen", "--masks", "--ckpt", str(root / "tiny.safetensors"), "--device", "cpu",
@@ -265,6 +271,41 @@ def test_cli_restricts_outputs_and_statistics_to_the_roi_subset(cli_run):
     liver = np.asarray(nib.load(folder / "masks" / "liver.nii.gz").dataobj)
     assert np.array_equal(liver, np.asarray(seg.dataobj) == 5)
     assert not np.asarray(nib.load(folder / "masks" / "spleen.nii.gz").dataobj).any()
+
+
+def test_cli_on_a_dicom_series_writes_every_output_a_reader_needs(tmp_path):
+    """``ctfm-segment <DICOM series folder> OUT --dicom_seg``: the label map on the series' grid with its colour
+    table, per-structure statistics by name, a preview with its legend, and a DICOM-SEG that highdicom reads
+    back with the structure's SNOMED CT type, referencing the source series."""
+    import csv
+
+    import nibabel as nib
+    import numpy as np
+    from bad_inputs import write_ct_series
+
+    highdicom = pytest.importorskip("highdicom")
+    series = tmp_path / "chest_series"
+    write_ct_series(series, [2.0 * i for i in range(20)], size=40)
+    ckpt = liver_everywhere_weights(tmp_path / "tiny.safetensors")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "ctfm_bundles.wholebody", str(series), str(out), "--dicom_seg", "--ckpt", str(ckpt),
+           "--device", "cpu", "--init_filters", "8", "--spacing", "[4.0, 4.0, 4.0]", "--patch_size", "[32, 32, 32]",
+           "--amp", "False"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    assert proc.returncode == 0 and "segmented 1 of 1 case(s)" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    folder = out / "chest_series"
+    seg = nib.load(folder / "chest_series_seg.nii.gz")
+    assert seg.shape == (40, 40, 20) and np.allclose(np.abs(np.diag(seg.affine))[:3], [2.0, 2.0, 2.0])
+    assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 5} and (np.asarray(seg.dataobj) == 5).any()
+    assert "liver" in (folder / "chest_series_seg.ctbl").read_text()
+    assert [r["name"] for r in csv.DictReader(open(folder / "chest_series_structures.csv"))] == ["liver"]
+    assert (folder / "chest_series_preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    dicom_seg = highdicom.seg.segread(str(folder / "chest_series_seg.dcm"))
+    (segment,) = dicom_seg.SegmentSequence
+    assert segment.SegmentLabel == "liver" and segment.SegmentedPropertyTypeCodeSequence[0].CodeMeaning == "Liver"
+    source_uid = __import__("pydicom").dcmread(sorted(series.iterdir())[0], stop_before_pixels=True).SeriesInstanceUID
+    assert dicom_seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source_uid
 
 
 def test_cli_carries_names_and_colours_with_the_label_map(cli_run):

@@ -107,7 +107,22 @@ def _read_series(folder: str | os.PathLike) -> list:
     if not datasets:
         raise ValueError(f"{folder}: no DICOM image slices found for the DICOM-SEG")
     _fill_blank_uids(datasets, str(folder))
+    _fill_missing_type2(datasets)
     return datasets
+
+
+#: Patient and study attributes of type 2 (required, may be empty) that a DICOM-SEG copies from its
+#: source: de-identified series often drop them altogether, which highdicom cannot copy.
+_TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                 "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def _fill_missing_type2(datasets: list) -> None:
+    """Add the absent type-2 attributes a DICOM-SEG copies, empty as the standard allows (in memory only)."""
+    for ds in datasets:
+        for keyword in _TYPE2_COPIED:
+            if keyword not in ds:
+                setattr(ds, keyword, "")
 
 
 def _fill_blank_uids(datasets: list, folder: str) -> None:
