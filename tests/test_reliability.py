@@ -544,8 +544,8 @@ def settings_cases(corpus, tmp_path) -> dict[str, list[dict]]:
                 overrides["output_dir"] = unwritable
             if case == "device_cuda_without_cuda":
                 overrides["device"] = "cuda"
-            if runner == "pretrain_train" and case == "train_truncated_image":  # it trains: 2 steps of 2 scans
-                overrides.update(epoch_length=2, batch_size=2)
+            if runner == "pretrain_train" and case == "train_truncated_image":  # it trains: one step, all 3 scans
+                overrides.update(epoch_length=1, batch_size=3)
             if case == "evaluate_every_case_fails_to_load":  # a report of an earlier run, to be kept
                 (out / "out").mkdir(parents=True)
                 (out / "out" / "metrics.json").write_text(EARLIER_REPORT)
@@ -564,6 +564,33 @@ def settings_cases(corpus, tmp_path) -> dict[str, list[dict]]:
                 "config_files": [str(BUNDLES_DIR / bundle / "configs" / c) for c in configs],
             })
     return by_bundle
+
+
+def test_a_file_failing_to_load_in_training_ends_in_one_line_naming_it_also_from_a_worker(corpus):
+    from monai.data import DataLoader
+    from monai.transforms import Compose, Lambdad, LoadImaged
+
+    from ctfm_common import runtime
+    from ctfm_common.failed_cases import CacheDatasetNamingFailures
+
+    good, truncated = str(corpus["paths"]["good"]), str(corpus["paths"]["truncated"])
+    data, load = [{"image": good}, {"image": truncated}], LoadImaged("image", image_only=True)
+    expected = f"{truncated}: truncated or corrupt file: EOFError"
+    # cache_rate 1: the cache is built up front; cache_rate 0: loaded by the DataLoader, in a worker process too
+    with pytest.raises(Exception) as error:
+        CacheDatasetNamingFailures(data=data, transform=load, cache_rate=1.0, keys=["image"], progress=False)
+    assert (runtime.user_error_line(error.value) or "").startswith(expected), error.value
+    dataset = CacheDatasetNamingFailures(data=data, transform=load, cache_rate=0.0, keys=["image"])
+    for workers in (0, 1):
+        with pytest.raises(Exception) as error:
+            list(DataLoader(dataset, batch_size=1, num_workers=workers))
+        line = runtime.user_error_line(error.value)
+        assert line is not None and line.startswith(expected) and "\n" not in line, (workers, error.value)
+    # a failure that is not the files' (each loads alone) keeps its traceback: a bug is not blamed on a scan
+    bug = Compose([load, Lambdad("image", lambda x: 1 / 0)])
+    with pytest.raises(Exception) as error:
+        CacheDatasetNamingFailures(data=data[:1], transform=bug, cache_rate=0.0, keys=["image"])[0]
+    assert runtime.user_error_line(error.value) is None
 
 
 def test_read_only_or_forbidden_folders_end_in_one_line_naming_the_folder():
