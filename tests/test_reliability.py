@@ -529,7 +529,8 @@ def settings_cases(corpus, tmp_path) -> dict[str, list[dict]]:
             if case == "output_dir_unwritable" and unwritable is None:
                 continue
             out = root / "runs" / runner / case
-            data = root / f"{case}.json" if case.startswith(("datalist", "item", "label", "evaluate", "train")) else good
+            named_data = case.startswith(("datalist", "item", "label", "evaluate", "train"))
+            data = root / f"{case}.json" if named_data else good
             if bundle != "ctfm_wholebody_seg" and case in (*EVALUATE_CASES, *TRAIN_CASES):
                 data = root / f"{case}_triage.json"
             overrides = {**tiny[bundle], data_id: str(data), "output_dir": str(out / "out")}
