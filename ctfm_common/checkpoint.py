@@ -170,6 +170,29 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint") -
     return best
 
 
+#: The fixed name of every train config's resumable checkpoint (``last_ckpt``).
+LAST_CHECKPOINT = "last.pt"
+#: Names that checkpoint had in earlier releases (the triage bundle wrote ``model_last.pt``).
+EARLIER_LAST_CHECKPOINTS = ("model_last.pt",)
+
+
+def resume_checkpoint(last_ckpt: str | os.PathLike) -> str:
+    """The checkpoint a rerun continues from: ``last_ckpt``, or, when only a run of an earlier release
+    is there, its file under an earlier name (:data:`EARLIER_LAST_CHECKPOINTS`) in the same folder.
+
+    Runs always write ``last_ckpt``; reading the earlier name keeps an existing run resumable.
+    """
+    path = Path(last_ckpt)
+    if path.is_file():
+        return os.fspath(last_ckpt)
+    for name in EARLIER_LAST_CHECKPOINTS:
+        earlier = path.with_name(name)
+        if earlier.is_file() and earlier != path:
+            logger.info(f"resuming from {earlier} (the name of this checkpoint before {path.name})")
+            return str(earlier)
+    return os.fspath(last_ckpt)
+
+
 def prepare_run(
     ckpt_dir: str | os.PathLike, resume: bool | str, last: str = "", best: str = "", starts_from_best: bool = False
 ) -> None:

@@ -187,3 +187,34 @@ def test_case_names_are_unique_stable_and_never_take_another_scans_name(tmp_path
     assert case_source(tmp_path / "s0001" / ".." / "s0001" / "ct.nii.gz") == str(paths[0].resolve())
     deep = [tmp_path / "p1" / "ct" / "image.nii.gz", tmp_path / "p2" / "ct" / "image.nii.gz"]
     assert len(set(case_names(deep))) == 2
+
+
+def test_case_records_merge_by_key_under_the_lock(tmp_path, caplog):
+    """The one merge of per-case records (seg summary.json, triage predictions.json): earlier cases stay, a case
+    of this run replaces its own record in place, new cases follow, records without a key are never replaced;
+    an earlier file for other labels (``expect``) or an unreadable one is replaced with a warning."""
+    path = tmp_path / "out" / "records.json"
+
+    def write(cases):
+        runtime.atomic_write_text(path, json.dumps({"labels": ["a"], "cases": cases}))
+
+    runtime.merge_case_records(path, [{"case": "x", "v": 1}, {"case": "y", "v": 1}, {"v": "no key"}], write)
+    seen = []
+
+    def this_run(earlier):
+        seen.extend(c.get("case") for c in earlier)
+        return [{"case": "x", "v": 2}, {"case": "z", "v": 2}, {"v": "no key"}]
+
+    merged = runtime.merge_case_records(path, this_run, write, expect={"labels": ["a"]})
+    assert seen == ["x", "y", None]  # this run's records are made knowing the earlier ones
+    assert merged == [{"case": "x", "v": 2}, {"case": "y", "v": 1}, {"v": "no key"}, {"case": "z", "v": 2},
+                      {"v": "no key"}]
+    assert json.loads(path.read_text())["cases"] == merged
+    assert not path.with_name("records.json.lock").read_text()  # the lock file holds nothing
+    merged = runtime.merge_case_records(path, [{"case": "q"}], write, key=lambda c: c.get("case"),
+                                        expect={"labels": ["b"]})
+    assert merged == [{"case": "q"}] and "not ['b']; they are replaced" in caplog.text
+    path.write_text("{truncated")
+    assert runtime.merge_case_records(path, [{"case": "r"}], write) == [{"case": "r"}]
+    assert "unreadable earlier records" in caplog.text
+    assert runtime.merge_case_records(path, [{"case": "s"}], write, keep_earlier=False) == [{"case": "s"}]

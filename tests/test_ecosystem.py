@@ -56,7 +56,7 @@ SEG = "ctfm_wholebody_seg"
 INFER = {
     "init_filters": 8,
     "spacing": [6.0, 6.0, 6.0],
-    "roi_size": [32, 32, 32],
+    "patch_size": [32, 32, 32],
     "sw_batch_size": 1,
     "overlap": 0.25,
     "channels_last": False,
@@ -335,7 +335,7 @@ def test_monai_bundle_download_installs_our_zip_and_it_segments_real_ct(dist, hu
     env = dict(hub_repos["env"], PYTHONPATH="")
     proc, log = _run(cmd, cwd=tmp_path, env=env)
     assert proc.returncode == 0, log[-4000:]
-    assert f"loaded {len(hub_repos['states']['seg'])} tensors from {REPOS['seg']}" in log
+    assert f"whole-body model weights from {REPOS['seg']}: {len(hub_repos['states']['seg'])} tensors loaded" in log
     seg, ref = nib.load(tmp_path / "out" / "ct_small" / "ct_small_seg.nii.gz"), nib.load(ct)
     assert seg.shape == ref.shape
     np.testing.assert_allclose(seg.affine, ref.affine, atol=1e-4)

@@ -281,7 +281,7 @@ def test_embedding_killed_then_rerun_ends_like_an_uninterrupted_run(embed_data, 
 TRIAGE_TRAIN = {
     "init_filters": 8,
     "spacing": [5.0, 4.0, 4.0],
-    "roi_size": [16, 16, 16],
+    "patch_size": [16, 16, 16],
     "windows": ["stroke"],
     "num_workers": 0,
     "batch_size": 4,
@@ -314,24 +314,26 @@ def test_triage_rerun_continues_keeps_the_best_model_and_removes_a_killed_save(h
         "ckpt_dir": str(models),
     }
     run_bundle("ctfm_triage", "train.json", "training", max_epochs=2, **args)
-    best_auc = torch.load(models / "model_last.pt", weights_only=True)["best_saver"]["_saved"][0][0]
+    best_auc = torch.load(models / "last.pt", weights_only=True)["best_saver"]["_saved"][0][0]
     thresholds = json.loads((models / "thresholds.json").read_text())
     (models / "tmpk1ll3d00").write_bytes(b"\x00" * 1000)  # what a kill -9 during a save leaves behind
+    # a run of the earlier release named its resumable checkpoint model_last.pt: it still resumes
+    (models / "last.pt").rename(models / "model_last.pt")
 
     # the same command with more epochs (as after a kill): continues, and model.pt only gets better
     rerun = run_bundle("ctfm_triage", "train.json", "training", max_epochs=3, **args)
     log = rerun.stdout + rerun.stderr
-    assert "Restored all variables from" in log and logged_epochs(log) == [3], log[-3000:]
+    assert "Restored all variables from" in log and "model_last.pt" in log and logged_epochs(log) == [3], log[-3000:]
     assert not (models / "tmpk1ll3d00").exists()
-    assert visible_files(models) == ["model.pt", "model_last.pt", "thresholds.json"]
-    after = torch.load(models / "model_last.pt", weights_only=True)["best_saver"]["_saved"][0][0]
+    assert visible_files(models) == ["last.pt", "model.pt", "model_last.pt", "thresholds.json"]  # writes the new name
+    after = torch.load(models / "last.pt", weights_only=True)["best_saver"]["_saved"][0][0]
     assert after >= best_auc
     assert json.loads((models / "thresholds.json").read_text())["key_metric"] >= thresholds["key_metric"]
 
 
 @pytest.mark.parametrize(
     "bundle, last, best",
-    [("ctfm_triage", "model_last.pt", "model.pt"), ("ctfm_wholebody_seg", "last.pt", "model.pt"),
+    [("ctfm_triage", "last.pt", "model.pt"), ("ctfm_wholebody_seg", "last.pt", "model.pt"),
      ("ctfm_pretrain", "checkpoint_iteration=4.pt", "")],
 )
 def test_every_train_config_runs_the_same_resume_rule_first(bundle, last, best, tmp_path):

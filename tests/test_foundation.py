@@ -227,6 +227,76 @@ def test_bad_weight_files_give_clear_errors(tmp_path):
     assert "missing in the file" in str(report)
 
 
+def test_full_model_weights_load_strictly_with_the_one_line_report(tmp_path, caplog):
+    """``load_model_weights``, the route of every evaluate/inference config: a training checkpoint
+    (``{"model": ..., "optimizer": ...}``), a ``module.``-prefixed DDP state dict and a .safetensors file
+    load into the (DDP-unwrapped) network with one log line; weights of another width and a missing
+    file are one-line errors naming the settings / the commands that get weights."""
+    torch.manual_seed(3)
+    trained = SegResNetDS(init_filters=8, blocks_down=(1, 2, 2, 4, 4), out_channels=3, dsdepth=4)
+    state = trained.state_dict()
+    torch.save({"model": state, "optimizer": {"state": {}, "param_groups": []}, "trainer": {"epoch": 2}},
+               tmp_path / "last.pt")
+    torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "ddp.pt")
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
+    for name in ("last.pt", "ddp.pt", "model.safetensors"):
+        network = SegResNetDS(init_filters=8, blocks_down=(1, 2, 2, 4, 4), out_channels=3, dsdepth=4)
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            assert enc.load_model_weights(network, tmp_path / name, what="test model weights") is network
+        for key, value in network.state_dict().items():
+            assert torch.equal(value, state[key]), (name, key)
+        lines = [r.getMessage() for r in caplog.records if "tensors loaded" in r.getMessage()]
+        assert len(lines) == 1 and "\n" not in lines[0], lines
+        assert lines[0].startswith(f"test model weights from {tmp_path / name}: {len(state)} tensors loaded")
+    # the DDP / DataParallel unwrap is the shared one
+    wrapped = torch.nn.DataParallel(SegResNetDS(init_filters=8, blocks_down=(1, 2, 2, 4, 4), out_channels=3, dsdepth=4))
+    enc.load_model_weights(wrapped, tmp_path / "ddp.pt")
+    assert torch.equal(enc.unwrap(wrapped).encoder.conv_init.weight, trained.encoder.conv_init.weight)
+    # another number of classes: one line naming the file, the mismatched key and the settings to check
+    other = SegResNetDS(init_filters=8, blocks_down=(1, 2, 2, 4, 4), out_channels=5, dsdepth=4)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(enc.EncoderWeightsError) as caught:
+        enc.load_model_weights(other, tmp_path / "last.pt", settings="init_filters, num_classes")
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{tmp_path / 'last.pt'}: does not match the network "
+                                                       "(init_filters, num_classes?)")
+    assert "shape mismatch" in message and "file (3, " in message
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())  # left untouched
+    from ctfm_common.runtime import user_error_line
+
+    assert user_error_line(caught.value) == message  # monai.bundle run prints it as one line
+    with pytest.raises(enc.WeightsNotFoundError) as missing:
+        enc.load_model_weights(other, tmp_path / "none.pt", what="whole-body model weights",
+                               release="project-lighter/whole_body_segmentation")
+    assert str(missing.value).startswith(f"whole-body model weights not found: {tmp_path / 'none.pt'}")
+    assert "project-lighter/whole_body_segmentation" in str(missing.value) and "\n" not in str(missing.value)
+    # an empty ckpt keeps the random init, loudly
+    with caplog.at_level("WARNING"):
+        enc.load_model_weights(other, "")
+    assert "RANDOM initialisation" in caplog.text
+
+
+def test_encoder_route_warns_on_random_init_and_reports_in_one_line(tmp_path, caplog):
+    """``load_encoder``, the route of every train/embed config: empty = a warning (information where random
+    init is the usual start), otherwise the strict load and its one-line report."""
+    weights = enc.save_encoder_weights(enc.build_encoder(init_filters=8), tmp_path / "encoder.safetensors")
+    with caplog.at_level("INFO"):
+        enc.load_encoder(enc.PooledEncoderHead(init_filters=8), "", random_init_ok=True)
+    assert "random initialisation" in caplog.text and not [r for r in caplog.records if r.levelname == "WARNING"]
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        enc.load_encoder(SegResNetDS(init_filters=8, blocks_down=(1, 2, 2, 4, 4), out_channels=3, dsdepth=4), weights)
+    lines = [r.getMessage() for r in caplog.records if "tensors loaded" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert lines[0].startswith(f"encoder weights from {weights}: ") and "into 'encoder.'" in lines[0]
+    with pytest.raises(enc.EncoderWeightsError) as caught:
+        enc.load_encoder(enc.build_encoder(init_filters=16), weights)
+    assert "\n" not in str(caught.value) and "does not match the shared encoder" in str(caught.value)
+
+
 def load_state(path):
     from safetensors.torch import load_file
 
@@ -389,3 +459,120 @@ def test_override_files_override_ids_and_never_retype_a_run_list(bundle):
             assert any("set_determinism(seed=@seed + @rank)" in step for step in merged["training"])
             if bundle == "ctfm_wholebody_seg":
                 assert any("keep_schedule_length" in step for step in merged["training"])
+
+
+def test_one_freeze_schedule_for_every_bundle():
+    """``FreezeEncoder`` (seg and triage ``freeze_encoder_epochs``): N > 0 frozen for epochs 1..N then trained,
+    negative frozen throughout, 0 not attached; frozen weights get no gradient, and batch-norm statistics stay
+    those of the loaded weights unless ``update_batch_norm`` (the segmentation bundle's choice)."""
+    from ignite.engine import Engine
+
+    for update_batch_norm in (False, True):
+        torch.manual_seed(0)
+        network = SegResNetDS(init_filters=8, blocks_down=(1, 2, 2, 4, 4), out_channels=3, dsdepth=4)
+        before = {k: v.clone() for k, v in network.encoder.state_dict().items()}
+        engine = Engine(lambda e, b: None)
+        handler = enc.FreezeEncoder(torch.nn.DataParallel(network), epochs=1, update_batch_norm=update_batch_norm)
+        handler.attach(engine)
+        engine.state.epoch = 1
+        handler(engine)
+        network.train()  # what the trainer calls every iteration
+        optimizer = torch.optim.SGD([p for p in network.parameters() if p.requires_grad], lr=0.1)
+        network(torch.rand(2, 1, 16, 16, 16))[0].sum().backward()
+        optimizer.step()
+        after = network.encoder.state_dict()
+        weights = [k for k in before if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+        statistics = [k for k in before if k.endswith("running_mean")]
+        assert all(torch.equal(after[k], before[k]) for k in weights)
+        assert all(torch.equal(after[k], before[k]) for k in statistics) != update_batch_norm
+        assert network.encoder.training == update_batch_norm
+        engine.state.epoch = 2
+        handler(engine)
+        assert network.encoder.training and all(p.requires_grad for p in network.encoder.parameters())
+    probe = enc.FreezeEncoder(enc.build_encoder(init_filters=8), epochs=-1)
+    engine.state.epoch = 50
+    probe(engine)
+    assert not any(p.requires_grad for p in probe.encoder.parameters())
+    idle, engine = enc.FreezeEncoder(enc.build_encoder(init_filters=8), epochs=0), Engine(lambda e, b: None)
+    idle.attach(engine)
+    assert not engine.has_event_handler(idle)
+
+
+# --- one vocabulary across bundles ----------------------------------------------------------------------------
+#: The ids that mean the same thing in every bundle (DESIGN.md's common ids and the training ones), with the
+#: kind of value each holds once parsed.
+COMMON_IDS: dict[str, type | tuple[type, ...]] = {
+    "input": str, "output_dir": str, "dataset_dir": str, "encoder_ckpt": str, "ckpt": str, "ckpt_dir": str,
+    "init_filters": int, "max_epochs": int, "batch_size": int, "num_workers": int, "amp": bool,
+    "device": (str, torch.device), "seed": int, "rank": int, "resume": bool, "is_main_process": bool,
+    "last_ckpt": str, "patch_size": (list, tuple),
+}
+#: Names that other code bases use for those things: none may appear as a config id.
+SYNONYMS = {
+    "main_process": "is_main_process", "is_main": "is_main_process", "best_saver": "best_checkpoint_saver",
+    "last_saver": "last_checkpoint_saver", "model_last": "last_ckpt", "last_checkpoint": "last_ckpt",
+    "roi_size": "patch_size", "roi": "patch_size", "crop_size": "patch_size", "window_size": "patch_size",
+    "checkpoint_dir": "ckpt_dir", "output_folder": "output_dir", "data_dir": "dataset_dir", "data_list": "datalist",
+    "num_epochs": "max_epochs", "epochs": "max_epochs", "workers": "num_workers", "use_amp": "amp",
+    "filters": "init_filters", "random_seed": "seed", "weights": "ckpt", "encoder_weights": "encoder_ckpt",
+    "pretrained": "encoder_ckpt", "local_rank": "rank",
+}
+#: Old ids still accepted from the command line (a documented command used them): null, read only by the new id.
+DEPRECATED_ALIASES = {"roi_size": "patch_size"}
+#: What the removed weight routes looked like: every config now calls scripts.encoder.load_encoder /
+#: load_model_weights.
+REMOVED_ROUTES = ("load_pretrained_encoder", "load_encoder_or_warn", "load_network_weights", "model.load_checkpoint",
+                  "if @encoder_ckpt else", "$@encoder_ckpt and")
+
+
+@pytest.mark.parametrize("bundle", EXPECTED_BUNDLES)
+def test_common_ids_have_one_name_and_one_meaning_in_every_bundle(bundle, bundle_path_cleanup):
+    """Every config set of every bundle (overrides merged after their base): no synonym of a common id, each
+    common id holds the same kind of value, the same seeding and weight routes in every train config."""
+    for files in config_sets(bundle):
+        where = " + ".join(f.name for f in files)
+        raw: dict = {}
+        for f in files:
+            raw.update(json.loads(f.read_text()))
+        text = json.dumps(raw)
+        for old in REMOVED_ROUTES:
+            assert old not in text, f"{bundle} {where}: loads weights through {old!r}"
+        for name in raw:
+            if name in DEPRECATED_ALIASES:
+                new = DEPRECATED_ALIASES[name]
+                assert raw[name] is None and f"@{name}" in str(raw.get(new)), \
+                    f"{bundle} {where}: deprecated '{name}' must be null and read by '{new}' only"
+            else:
+                assert name not in SYNONYMS, f"{bundle} {where}: '{name}' is a synonym of '{SYNONYMS.get(name)}'"
+        parser = bundle_parser(bundle, files)
+        for name, kind in COMMON_IDS.items():
+            if name not in raw or any(s in str(raw[name]) for s in ("dist.", "os.environ")):
+                continue  # torchrun's values exist only under torchrun
+            value = parser.get_parsed_content(name)
+            assert isinstance(value, kind) and not (kind is int and isinstance(value, bool)), \
+                f"{bundle} {where}: '{name}' = {value!r}, expected {kind}"
+        if "last_ckpt" in raw:
+            assert parser.get_parsed_content("last_ckpt").endswith("/last.pt")
+            assert raw["last_checkpoint_saver"]["last_filename"] == "$os.path.basename(@last_ckpt)"
+            assert raw["resume_loader"]["load_path"] == "@resume_ckpt"
+        if "best_checkpoint_saver" in raw:
+            assert raw["best_checkpoint_saver"]["save_key_metric"] is True
+        if "training" in raw:
+            training = raw["training"]
+            assert training[:2] == ["$@setup_distributed", "$monai.utils.set_determinism(seed=@seed + @rank)"], where
+            assert any(str(step).startswith("$scripts.encoder.load_encoder(") for step in training), where
+        if "ckpt" in raw and "training" not in raw and bundle != "ctfm_pretrain":
+            assert "scripts.encoder.load_model_weights(@network, @ckpt" in text, where
+
+
+@pytest.mark.parametrize("bundle, files, default", [
+    ("ctfm_triage", ["train.json"], [48, 128, 128]),
+    ("ctfm_triage", ["inference.json"], [48, 128, 128]),
+    ("ctfm_wholebody_seg", ["inference.json"], [96, 160, 160]),
+])
+def test_the_renamed_roi_size_still_sets_the_patch_size(bundle, files, default, bundle_path_cleanup):
+    """``--roi_size`` (documented before it was renamed ``patch_size``) keeps working; ``--patch_size`` too."""
+    paths = [BUNDLES_DIR / bundle / "configs" / f for f in files]
+    assert bundle_parser(bundle, paths).get_parsed_content("patch_size") == default
+    assert bundle_parser(bundle, paths, roi_size=[16, 32, 32]).get_parsed_content("patch_size") == [16, 32, 32]
+    assert bundle_parser(bundle, paths, patch_size=[8, 16, 16]).get_parsed_content("patch_size") == [8, 16, 16]

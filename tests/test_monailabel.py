@@ -48,7 +48,7 @@ BUNDLE = "ctfm_wholebody_seg"
 STUDIES = ("ct_small_a", "ct_small_b")
 NUM_CLASSES = 118
 # Speed settings of the served copy (the committed configs keep the real model's values).
-INFER_OVERRIDES = {"init_filters": 8, "preset": "fast", "roi_size": [32, 112, 128], "sw_batch_size": 1}
+INFER_OVERRIDES = {"init_filters": 8, "preset": "fast", "patch_size": [32, 112, 128], "sw_batch_size": 1}
 TRAIN_OVERRIDES = {
     "init_filters": 8,
     "spacing": [6.0, 6.0, 6.0],

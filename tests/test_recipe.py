@@ -183,7 +183,7 @@ def test_wholebody_seg_recipe(parse, tmp_path):
     infer_pre = transforms_of(inference.get_parsed_content("preprocessing"))
     check_image_recipe(infer_pre, spacing=[1.5] * 3, crop_before_scaling=False)
     assert one(infer_pre, "CropForegroundd").cropper.margin == 10
-    window = (inference.get_parsed_content("roi_size"), inference.get_parsed_content("overlap"))
+    window = (inference.get_parsed_content("patch_size"), inference.get_parsed_content("overlap"))
     assert window == ([96, 160, 160], 0.625)
 
 

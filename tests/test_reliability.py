@@ -54,11 +54,11 @@ from ctfm_common import validate
 ACCEPTED = sorted(k for k, v in EXPECTED.items() if v is None)
 REJECTED = sorted(k for k, v in EXPECTED.items() if v is not None)
 LOAD_TIME = {"truncated", "nan"}  # found while loading, not from the headers
-SEG = {"init_filters": 8, "spacing": [6.0, 6.0, 6.0], "roi_size": [32, 32, 32], "sw_batch_size": 1}
+SEG = {"init_filters": 8, "spacing": [6.0, 6.0, 6.0], "patch_size": [32, 32, 32], "sw_batch_size": 1}
 TRIAGE = {
     "init_filters": 8,
     "spacing": [5.0, 3.0, 3.0],
-    "roi_size": [16, 32, 32],
+    "patch_size": [16, 32, 32],
     "windows": ["stroke"],
     "num_workers": 0,
 }

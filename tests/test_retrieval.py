@@ -239,7 +239,7 @@ def local(scans) -> dict:
             mt.SpatialPadd("image", (8, 32, 32)),
         ]
     )
-    net = scripts.embedding.load_encoder_or_warn(scripts.encoder.PooledEncoderHead(init_filters=8), scans["ckpt"])
+    net = scripts.encoder.load_encoder(scripts.encoder.PooledEncoderHead(init_filters=8), scans["ckpt"]).eval()
     settings = scripts.embedding.embedding_settings(
         aggregation="min",
         patch_size=(8, 32, 32),
@@ -279,7 +279,7 @@ def test_global_aggregation_is_one_pass_over_the_whole_volume(scans, local):
 
 def test_empty_encoder_ckpt_warns_loudly(caplog):
     with caplog.at_level("WARNING"):
-        scripts.embedding.load_encoder_or_warn(scripts.encoder.PooledEncoderHead(init_filters=8), "")
+        scripts.encoder.load_encoder(scripts.encoder.PooledEncoderHead(init_filters=8), "")
     assert "RANDOMLY INITIALISED" in caplog.text
 
 
@@ -668,7 +668,7 @@ def test_saliency_map_has_the_inputs_grid(scans, tmp_path):
             mt.DivisiblePadd("image", 16),
         ]
     )
-    net = scripts.embedding.load_encoder_or_warn(scripts.encoder.PooledEncoderHead(init_filters=8), scans["ckpt"])
+    net = scripts.encoder.load_encoder(scripts.encoder.PooledEncoderHead(init_filters=8), scans["ckpt"]).eval()
     scan = scans["root"] / "scans" / "head0.nii.gz"
     summary = saliency.occlusion_saliency(
         input=str(scan), preprocessing=preprocessing, network=net, output_dir=str(tmp_path), mask_size=4, overlap=0.0
@@ -968,7 +968,7 @@ def test_weights_overwritten_at_the_same_path_make_embeddings_stale(scans, local
     torch.manual_seed(1)
     other = scripts.encoder.PooledEncoderHead(init_filters=8)
     scripts.encoder.save_encoder_weights(other, ckpt)  # the same path, other weights
-    second = embed(scripts.embedding.load_encoder_or_warn(other, str(ckpt)))
+    second = embed(scripts.encoder.load_encoder(other, str(ckpt)).eval())
     assert second["done"] == ["body0"] and not second["skipped"], "stale embedding kept"
     diff = scripts.vector_index.settings_diff(first["settings"], second["settings"])
     assert list(diff) == ["encoder_sha256"]

@@ -38,7 +38,7 @@ TRAIN_EVAL = ["train.json", "evaluate.json"]
 SETTINGS = {  # the tiny recipe every workflow here shares
     "init_filters": 8,
     "spacing": [5.0, 3.0, 3.0],
-    "roi_size": [16, 32, 32],
+    "patch_size": [16, 32, 32],
     "windows": ["blood"],
     "num_workers": 0,
 }
@@ -101,7 +101,7 @@ def shared_data_optional():
 def test_short_training_separates_held_out_phantoms(trained):
     root, common = trained["root"], trained["common"]
     models = root / "models"
-    assert (models / "model.pt").is_file() and (models / "model_last.pt").is_file()
+    assert (models / "model.pt").is_file() and (models / "last.pt").is_file()
     assert list((root / "train_out" / "tensorboard").glob("events.out.tfevents.*"))
     rates = tensorboard_scalars(root / "train_out" / "tensorboard")["learning_rate"]  # logged each iteration
     assert rates and rates[0] == pytest.approx(TRAIN["learning_rate"])
@@ -111,7 +111,7 @@ def test_short_training_separates_held_out_phantoms(trained):
     state = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
     assert state["threshold"].tolist() == pytest.approx([stored["thresholds"]["abnormal"]], abs=1e-6)
     # the last checkpoint remembers the best score, so a resumed run does not replace model.pt with worse weights
-    last = torch.load(models / "model_last.pt", map_location="cpu", weights_only=True)
+    last = torch.load(models / "last.pt", map_location="cpu", weights_only=True)
     assert {"model", "optimizer", "trainer", "best_saver"} <= set(last)
     (best_auc, best_file), = last["best_saver"]["_saved"]
     assert best_file.startswith("model") and 0.5 < best_auc <= 1.0
@@ -119,10 +119,10 @@ def test_short_training_separates_held_out_phantoms(trained):
     # both checkpoints carry the settings they were trained with, bound to their bytes
     import hashlib
 
-    for name in ("model.pt", "model_last.pt"):
+    for name in ("model.pt", "last.pt"):
         content = json.loads((models / f"{name}.settings.json").read_text())
         assert content["sha256"] == hashlib.sha256((models / name).read_bytes()).hexdigest()
-        assert content["settings"] == {"spacing": [5.0, 3.0, 3.0], "roi_size": [16, 32, 32], "windows": ["blood"],
+        assert content["settings"] == {"spacing": [5.0, 3.0, 3.0], "patch_size": [16, 32, 32], "windows": ["blood"],
                                        "window_dim": 0, "foreground_hu": 0, "label_names": ["abnormal"],
                                        "init_filters": 8}
 
@@ -237,7 +237,7 @@ def test_multi_window_input_loads_the_pretrained_one_channel_encoder(triage_scri
     parser.parse()
     network = parser.get_parsed_content("network_def").eval()
     assert network.encoder.conv_init.weight.shape[1] == 3
-    report = scripts.windows.load_pretrained_encoder(network, weights)
+    report = scripts.encoder.load_encoder_weights(network, weights)
     assert report.ok and len(report.loaded) == len(single.encoder.state_dict())
     expected = single.encoder.conv_init.weight.repeat(1, 3, 1, 1, 1) / 3
     assert torch.equal(network.encoder.conv_init.weight, expected)
@@ -260,13 +260,13 @@ def test_linear_probe_keeps_the_encoder_fixed_then_unfreezes(triage_scripts):
     encoder_before = {k: v.clone() for k, v in network.encoder.state_dict().items()}
     head_before = network.head[0].weight.clone()
     engine = Engine(lambda e, b: None)
-    handler = scripts.handlers.EncoderFreezeHandler(network, freeze_epochs=1)
+    handler = scripts.encoder.FreezeEncoder(network, epochs=1)
     engine.state.epoch = 1
     handler(engine)
     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-2)
-    network.train()  # what the trainer calls every iteration: the frozen encoder must stay in eval mode
-    assert not network.encoder.training
+    network.train()  # what the trainer calls every iteration: the frozen encoder must run in eval mode
     loss = network(torch.rand(2, 1, 16, 16, 16)).sum()
+    assert not network.encoder.training
     loss.backward()
     optimizer.step()
     assert all(torch.equal(v, encoder_before[k]) for k, v in network.encoder.state_dict().items())  # incl. BN stats

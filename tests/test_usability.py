@@ -251,7 +251,7 @@ def cli_run(tmp_path_factory):
     out = root / "out"
     cmd = [sys.executable, "-m", "ctfm_bundles.wholebody", str(root / "ct.nii.gz"), str(out), "--roi_subset",
            "liver,spleen", "--masks", "--ckpt", str(root / "tiny.safetensors"), "--device", "cpu",
-           "--init_filters", "8", "--spacing", "[8.0, 8.0, 8.0]", "--roi_size", "[32, 32, 32]", "--amp", "False"]
+           "--init_filters", "8", "--spacing", "[8.0, 8.0, 8.0]", "--patch_size", "[32, 32, 32]", "--amp", "False"]
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))  # what `pip install .` provides; run from elsewhere
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -438,7 +438,7 @@ def test_roi_subset_crop_segments_the_chosen_structures_box_only(seg_config, tmp
     nib.save(nib.Nifti1Image(image, affine), str(tmp_path / "ct.nii.gz"))
     nib.save(nib.Nifti1Image(np.full_like(image, 40.0), affine), str(tmp_path / "no_liver.nii.gz"))
     network = _pointwise_liver_network()
-    settings = {"roi_subset": "liver,spleen", "roi_size": [32, 32, 32], "speed_presets#fast#roi_size": [32, 32, 32]}
+    settings = {"roi_subset": "liver,spleen", "roi_size": [32, 32, 32], "speed_presets#fast#patch_size": [32, 32, 32]}
     with caplog.at_level(logging.INFO):
         cropped = seg_config(network, tmp_path / "crop", input=str(tmp_path / "ct.nii.gz"), **settings)
         whole = seg_config(network, tmp_path / "whole", input=str(tmp_path / "ct.nii.gz"), roi_subset_crop=False,

@@ -39,7 +39,7 @@ import phantom
 BUNDLE = "ctfm_wholebody_seg"
 TINY = {"init_filters": 8, "spacing": [6.0, 6.0, 6.0]}
 TRAIN = {**TINY, "patch_size": [32, 32, 32], "num_workers": 0, "batch_size": 1, "sw_batch_size": 1}
-INFER = {**TINY, "roi_size": [32, 32, 32], "sw_batch_size": 1}
+INFER = {**TINY, "patch_size": [32, 32, 32], "sw_batch_size": 1}
 FINE_TUNE_LABELS = {"5": 1, "1": 2, "2": 3, "3": 3}  # ct_small: liver, spleen, both kidneys
 FINE_TUNE_EPOCHS = 15  # one iteration (two 16 x 64 x 64 patches at 6 mm) per epoch; resumed for as many again
 
@@ -225,10 +225,10 @@ def test_checkpoints_carry_their_training_settings_and_other_inference_settings_
                                        "hu_max": 2048, "num_classes": 118, "init_filters": 8}
     image = trained["data"] / trained["content"]["validation"][0]["image"]
     proc = run_bundle(BUNDLE, "inference.json", input=str(image), output_dir=str(tmp_path / "out"),
-                      ckpt=str(trained["model"]), **{**INFER, "spacing": [8.0, 8.0, 8.0], "roi_size": [32, 32, 48]})
+                      ckpt=str(trained["model"]), **{**INFER, "spacing": [8.0, 8.0, 8.0], "patch_size": [32, 32, 48]})
     warning = (f"{trained['model']}: this run's settings differ from those the checkpoint was trained with: "
-               "spacing [8.0, 8.0, 8.0] (trained with [6.0, 6.0, 6.0]); roi_size [32, 32, 48] (trained with "
-               "patch_size [32, 32, 32]); results may be worse than the model can give")
+               "spacing [8.0, 8.0, 8.0] (trained with [6.0, 6.0, 6.0]); patch_size [32, 32, 48] (trained with "
+               "[32, 32, 32]); results may be worse than the model can give")
     assert warning in proc.stdout + proc.stderr
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["num_ok"] == 1  # a warning, not an error
 
@@ -316,7 +316,7 @@ v = t.get_parsed_content("validate#transforms")({{"image": ct, "label": labels, 
 print("VALUES", sorted(torch.unique(v["label"]).int().tolist()), v["label_path"])
 open({str(tmp_path / 'scan_a.nii.gz')!r}, "wb").write(b"garbage")
 p.update({{"input": {str(tmp_path / 'scan_*.nii.gz')!r}, "output_dir": {str(tmp_path / 'out')!r}, "ckpt": "",
-          "init_filters": 8, "roi_size": [32, 32, 32]}}); p.parse()
+          "init_filters": 8, "patch_size": [32, 32, 32]}}); p.parse()
 try:
     p.get_parsed_content("run")
 except RuntimeError as e:

@@ -87,7 +87,7 @@ def test_inference_config_cpu_label_map_matches_the_torch_path_on_a_phantom(tmp_
     torch.save(SegResNetDS(spatial_dims=3, in_channels=1, out_channels=118, init_filters=8, blocks_down=[1, 2, 2, 4, 4],
                            dsdepth=4).state_dict(), weights)
     common = {"input": str(image), "ckpt": str(weights), "init_filters": 8, "spacing": [6.0, 6.0, 6.0],
-              "roi_size": [16, 32, 32], "overlap": 0.25, "sw_batch_size": 2, "device": "cpu", "amp": False,
+              "patch_size": [16, 32, 32], "overlap": 0.25, "sw_batch_size": 2, "device": "cpu", "amp": False,
               "save_csv": False, "save_preview": False}
     maps = {}
     for name, options in {"slab": {}, "torch": {"slab_argmax": False, "stitch_dtype": "float32"}}.items():

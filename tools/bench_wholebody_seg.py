@@ -198,7 +198,7 @@ def run_pipeline(*, pipeline: str, image: str, weights: str, output_dir: str, in
                                       network=network)
             runs.append({"seconds": round(seconds, 3), "stages": stages})
     elif pipeline in ("bundle", "fast"):
-        preset_overrides = {"spacing": spacing, "roi_size": roi_size, "overlap": overlap} if pipeline == "bundle" else {}
+        preset_overrides = {"spacing": spacing, "patch_size": roi_size, "overlap": overlap} if pipeline == "bundle" else {}
         extra = json.loads(overrides) if isinstance(overrides, str) and overrides else dict(overrides or {})
         runs = _bundle(image=image, weights=weights, output_dir=output_dir, init_filters=init_filters,
                        num_classes=num_classes, preset="full" if pipeline == "bundle" else "fast",

@@ -85,28 +85,6 @@ def save_model(network: nn.Module, encoder_ckpt: str, path: str) -> Path:
     return written
 
 
-def load_encoder_or_warn(network: nn.Module, encoder_ckpt: str) -> nn.Module:
-    """Load ``encoder_ckpt`` strictly into ``network``; warn loudly when it is empty.
-
-    Args:
-        network: a network holding the shared encoder.
-        encoder_ckpt: weights (file, hub folder or repo id); empty keeps the random init.
-
-    Returns:
-        The network, in eval mode.
-    """
-    from .ctfm_common.encoder import load_encoder_weights
-
-    if encoder_ckpt:
-        load_encoder_weights(network, encoder_ckpt, strict=True)
-    else:
-        logger.warning(
-            "!!! encoder_ckpt is empty: the encoder is RANDOMLY INITIALISED, its embeddings carry no learned "
-            "meaning. Pass --encoder_ckpt (e.g. the pretrain bundle's encoder.safetensors or the CT-FM release). !!!"
-        )
-    return network.eval()
-
-
 def patch_grid(spatial_shape: Sequence[int], patch_size: Sequence[int], overlap: float) -> list[tuple[slice, ...]]:
     """Sliding-window patch slices covering a volume (the last patch of each axis touches its end).
 

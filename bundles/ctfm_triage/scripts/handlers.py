@@ -8,8 +8,8 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Ignite handlers MONAI lacks: encoder freezing schedules, prediction collection, operating
-threshold selection on validation, and atomic checkpoints."""
+"""Ignite handlers MONAI lacks: prediction collection and operating threshold selection on
+validation (freezing the encoder is ``scripts.encoder.FreezeEncoder``)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from monai.utils import evenly_divisible_all_gather
 from torch import nn
 
 from . import metrics
-from .model import unwrap
+from .ctfm_common.encoder import unwrap
 from .report import write_json
 
 logger = logging.getLogger(__name__)
@@ -32,31 +32,6 @@ logger = logging.getLogger(__name__)
 
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-class EncoderFreezeHandler:
-    """Freeze the encoder for the first epochs (or for ever): linear probe, fine-tune, or both.
-
-    Args:
-        network: the :class:`scripts.model.TriageClassifier` (DDP-wrapped too).
-        freeze_epochs: ``0`` full fine-tuning from the start; ``N > 0`` the encoder is frozen for
-            epochs 1..N and trained from epoch N+1; ``-1`` (any negative) frozen throughout: a
-            linear probe of the pretrained features.
-    """
-
-    def __init__(self, network: nn.Module, freeze_epochs: int = 0) -> None:
-        self.network = network
-        self.freeze_epochs = int(freeze_epochs)
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        frozen = self.freeze_epochs < 0 or engine.state.epoch <= self.freeze_epochs
-        module = unwrap(self.network)
-        if frozen != module.encoder_frozen or engine.state.epoch == 1:
-            module.set_encoder_frozen(frozen)
-            logger.info(f"epoch {engine.state.epoch}: encoder {'frozen (head only)' if frozen else 'trained'}")
 
 
 class PredictionCollector:

@@ -28,7 +28,7 @@ from .ctfm_common.inputs import case_name
 from .ctfm_common.runtime import UsageError
 from .ctfm_common.validate import describe_failure
 from .handlers import PredictionCollector
-from .model import unwrap
+from .ctfm_common.encoder import unwrap
 from .report import metrics_rows, plot_roc, write_csv, write_json, write_predictions
 
 logger = logging.getLogger(__name__)

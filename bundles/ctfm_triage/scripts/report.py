@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from .ctfm_common.inputs import case_names, case_source
-from .ctfm_common.runtime import atomic_write, atomic_write_text, file_lock
+from .ctfm_common.runtime import atomic_write, atomic_write_text, merge_case_records
 
 logger = logging.getLogger(__name__)
 
@@ -104,31 +104,28 @@ def write_predictions(cases: Sequence[dict], *, label_names: Sequence[str], outp
     """
     out = Path(output_dir)
     json_file = out / f"{basename}.json"
-    with file_lock(json_file):
-        earlier: list[dict] = []
-        if merge and json_file.is_file():
-            try:
-                content = json.loads(json_file.read_text())
-                if content.get("label_names") == list(label_names):
-                    earlier = [c for c in content.get("cases", []) if isinstance(c, dict)]
-                else:
-                    logger.warning(f"{json_file}: earlier predictions are for labels {content.get('label_names')}, "
-                                   f"not {list(label_names)}; they are replaced")
-            except (OSError, ValueError, AttributeError):
-                logger.warning(f"{json_file}: unreadable earlier predictions; they are replaced")
+
+    def this_run(earlier: list[dict]) -> list[dict]:
+        # named against the earlier cases, under the lock: two scans never share a name
         taken = {c.get("case"): c.get("image") or "" for c in earlier}
         names = case_names([c.get("image") or c.get("case") or "case" for c in cases], taken, logger)
-        cases = [{**c, "case": n, **({k: v for k, v in (extra or {}).items()} if merge else {})}
-                 for c, n in zip(cases, names)]
-        this_run = {case_source(c["image"]) for c in cases if c.get("image")}
-        cases = [c for c in earlier if not (c.get("image") and case_source(c["image"]) in this_run)] + cases
-        csv_path = write_csv(out / f"{basename}.csv", prediction_rows(cases, label_names),
-                             prediction_columns(label_names))
-        failed = [c for c in cases if c.get("error")]
-        json_path = write_json(json_file, {
-            **(extra or {}), "label_names": list(label_names), "num_cases": len(cases), "num_failed": len(failed),
-            "cases": list(cases)})
-    return {"csv": str(csv_path), "json": str(json_path)}
+        return [{**c, "case": n, **(dict(extra or {}) if merge else {})} for c, n in zip(cases, names)]
+
+    paths: dict[str, str] = {}
+
+    def write(merged: list[dict]) -> None:
+        paths["csv"] = str(write_csv(out / f"{basename}.csv", prediction_rows(merged, label_names),
+                                     prediction_columns(label_names)))
+        failed = [c for c in merged if c.get("error")]
+        paths["json"] = str(write_json(json_file, {
+            **(extra or {}), "label_names": list(label_names), "num_cases": len(merged), "num_failed": len(failed),
+            "cases": list(merged)}))
+
+    # a rescored scan (same input path) replaces its own record; without merge the files hold this run only
+    merge_case_records(json_file, this_run, write,
+                       key=lambda c: case_source(c["image"]) if c.get("image") else None,
+                       expect={"label_names": list(label_names)}, keep_earlier=merge)
+    return paths
 
 
 def metrics_rows(report: dict) -> list[dict]:

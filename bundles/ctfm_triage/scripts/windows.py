@@ -8,16 +8,15 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Multi-window CT input: named HU windows stacked as channels, and the pretrained first
-convolution adapted to them.
+"""Multi-window CT input: named HU windows stacked as channels.
 
 Each window ``[low, high]`` HU is clipped and scaled to [0, 1] with MONAI's
 ``ScaleIntensityRange`` and becomes one input channel. The default single window ``ctfm``
 ([-1024, 2048]) is exactly the shared preprocessing contract.
 
 The pretrained encoder's first convolution ``conv_init`` has one input channel. For ``C``
-windows its kernel is replicated over the ``C`` channels and divided by ``C``: the layer then
-computes the mean over channels of the pretrained response to each window, so with ``C``
+windows the shared loader (``scripts.encoder.load_encoder``) replicates its kernel over the
+``C`` channels, divided by ``C``: the layer then computes the mean over channels of the pretrained response to each window, so with ``C``
 identical channels it gives exactly the 1-channel output, and every other pretrained weight
 still sees the feature statistics it was trained on. (The public reference concatenated its
 windows along the cranio-caudal axis instead; that changes the anatomy the encoder sees.)
@@ -25,17 +24,12 @@ windows along the cranio-caudal axis instead; that changes the anatomy the encod
 
 from __future__ import annotations
 
-import logging
-import os
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, ScaleIntensityRange
-from torch import nn
-
-from .ctfm_common import encoder as enc
 
 #: Named HU windows ``(low, high)``; ``ctfm`` is the shared preprocessing contract.
 # [low, high] HU; blood, subdural, stroke and bone are CT-FM's (evaluation/sinoct.yaml: ScaleIntensityRanged
@@ -49,10 +43,6 @@ HU_WINDOWS: dict[str, tuple[float, float]] = {
     "bone": (-900.0, 2100.0),  # W 3000 / L 600
 }
 REFERENCE_WINDOWS = ("blood", "subdural", "stroke", "bone")
-
-FIRST_CONV_KEY = "conv_init.weight"
-
-logger = logging.getLogger(__name__)
 
 
 def resolve_windows(windows: Sequence[str | Sequence[float]] | str) -> list[tuple[float, float]]:
@@ -115,44 +105,3 @@ class HUWindowsd(MapTransform):
             channels = [scale(image) for scale in self.scalers]
             d[key] = channels[0] if len(channels) == 1 else torch.cat(channels, dim=self.dim)  # keeps the affine
         return d
-
-
-def inflate_first_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
-    """Replicate a 1-channel conv kernel ``(out, 1, k, k, k)`` over ``in_channels``, divided by ``in_channels``."""
-    if weight.shape[1] == in_channels:
-        return weight
-    if weight.shape[1] != 1:
-        raise ValueError(f"can only inflate a 1-channel first convolution, got {tuple(weight.shape)}")
-    return weight.repeat(1, in_channels, *([1] * (weight.ndim - 2))) / in_channels
-
-
-def load_pretrained_encoder(
-    network: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor]
-) -> enc.LoadReport:
-    """Load 1-channel shared-encoder weights into a network with any number of input channels.
-
-    The weights are read (any format :func:`scripts.encoder.read_state_dict` accepts), the
-    first convolution is inflated to the network's channels (:func:`inflate_first_conv`),
-    then everything is loaded with the shared strict loader and its report.
-
-    Args:
-        network: a network holding the shared encoder (e.g. :class:`scripts.model.TriageClassifier`).
-        source: weights path, hub folder, repo id or state dict.
-
-    Returns:
-        The load report.
-    """
-    encoder, _ = enc.encoder_of(network)
-    state = dict(source) if isinstance(source, Mapping) else enc.read_state_dict(source)
-    prefix = enc.find_source_prefix(state, list(encoder.state_dict()))
-    in_channels = encoder.conv_init.in_channels
-    key = prefix + FIRST_CONV_KEY
-    name = "<state dict>" if isinstance(source, Mapping) else os.fspath(source)
-    if key in state and state[key].shape[1] == 1 and in_channels > 1:
-        state[key] = inflate_first_conv(state[key], in_channels)
-        logger.info(f"{name}: first convolution inflated from 1 to {in_channels} input channels "
-                    f"(kernel replicated / {in_channels})")
-    report = enc.load_encoder_weights(network, state)
-    report.source = name
-    logger.info(f"pretrained encoder loaded from {name}")
-    return report

@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .ctfm_common import encoder as shared_encoder
 from .ctfm_common.inputs import case_names
-from .ctfm_common.runtime import as_bool, atomic_write, atomic_write_text, cpu_has_native_bf16, file_lock
+from .ctfm_common.runtime import (as_bool, atomic_write, atomic_write_text, cpu_has_native_bf16, file_lock,
+                                   merge_case_records)
 from .ctfm_common.display import ras_voxel_sizes  # noqa: F401  (the preview's voxel sizes, re-exported)
 from .ctfm_common.validate import describe_failure
 from .labels import display_colours, read_label_names
@@ -44,54 +44,6 @@ logger = logging.getLogger("ctfm_wholebody_seg")
 
 # Soft-tissue window of the PNG preview (HU).
 PREVIEW_WINDOW = (-160.0, 240.0)
-
-
-def load_network_weights(network: nn.Module, ckpt: str | os.PathLike | None) -> nn.Module:
-    """Load complete task weights into ``network`` (strict), or keep random init for an empty ``ckpt``.
-
-    ``ckpt`` may be a ``.safetensors`` file, a torch file (read with ``weights_only=True``; Ignite
-    checkpoints ``{"model": ...}`` are unwrapped), a hub-format folder or a hub repo id such as
-    ``project-lighter/whole_body_segmentation``. Keys may carry a prefix (``model.``, ``module.``).
-
-    Args:
-        network: the bundle's ``SegResNetDS`` (possibly DDP-wrapped).
-        ckpt: the weights; empty or ``None`` keeps the random initialisation (logged loudly).
-
-    Returns:
-        The network.
-
-    Raises:
-        WeightsNotFoundError: a ``ckpt`` path that does not exist: one line with the commands that get
-            weights (a ``SystemExit``, so ``monai.bundle run`` prints no traceback).
-        ValueError: keys or shapes that do not match (e.g. another ``init_filters`` or ``num_classes``).
-    """
-    module = network.module if isinstance(network, nn.parallel.DistributedDataParallel) else network
-    if not ckpt:
-        logger.warning("ckpt is empty: the network keeps its RANDOM initialisation (untrained outputs)")
-        return network
-    text = os.fspath(ckpt)
-    if not os.path.exists(text) and not shared_encoder.looks_like_repo_id(text):
-        raise shared_encoder.missing_weights(
-            text, "whole-body model weights", release="project-lighter/whole_body_segmentation",
-            train="train them with configs/train.json and pass --ckpt",
-        )
-    state = shared_encoder.read_state_dict(text)
-    own = module.state_dict()
-    prefix = shared_encoder.find_source_prefix(state, list(own))
-    missing = [k for k in own if prefix + k not in state]
-    mismatched = [
-        f"{k} file {tuple(state[prefix + k].shape)} vs network {tuple(v.shape)}"
-        for k, v in own.items()
-        if prefix + k in state and tuple(state[prefix + k].shape) != tuple(v.shape)
-    ]
-    if missing or mismatched:
-        raise ValueError(
-            f"{text}: does not match the network (init_filters, num_classes?): {len(missing)} missing keys "
-            f"{missing[:3]}, {len(mismatched)} shape mismatches {mismatched[:3]}"
-        )
-    module.load_state_dict({k: state[prefix + k] for k in own}, strict=True)
-    logger.info(f"loaded {len(own)} tensors from {text} (source prefix '{prefix}')")
-    return network
 
 
 def read_summary(path: Path) -> dict:
@@ -104,15 +56,16 @@ def read_summary(path: Path) -> dict:
 
 
 def merge_summary(path: Path, results: Sequence[Mapping]) -> dict:
-    """Merge this run's case records into ``summary.json`` by case, under a lock: earlier runs'
-    cases stay, a rerun of a case replaces its record; counts cover every case in the file."""
-    with file_lock(path):
-        cases = {c["case"]: c for c in read_summary(path)["cases"] if isinstance(c, dict) and "case" in c}
-        cases.update({r["case"]: dict(r) for r in results})
-        merged = list(cases.values())
+    """Merge this run's case records into ``summary.json`` by case (:func:`merge_case_records`): earlier
+    runs' cases stay, a rerun of a case replaces its record; counts cover every case in the file."""
+    summary: dict = {}
+
+    def write(merged: list[dict]) -> None:
         ok = sum(c.get("status") == "ok" for c in merged)
-        summary = {"num_ok": ok, "num_failed": len(merged) - ok, "cases": merged}
+        summary.update(num_ok=ok, num_failed=len(merged) - ok, cases=merged)
         atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
+
+    merge_case_records(path, results, write)
     return summary
 
 

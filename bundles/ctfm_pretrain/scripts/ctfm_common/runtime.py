@@ -55,7 +55,7 @@ _ENVIRONMENT_ERRNOS = {
     errno.ENOENT: "",
     errno.EIO: "",
 }#: Error types of the bundles whose message is already one line naming the file (a scan, a datalist).
-_ONE_LINE_ERRORS = {"InputError", "DatalistError"}
+_ONE_LINE_ERRORS = {"InputError", "DatalistError", "EncoderWeightsError"}
 _NO_CUDA = ("Torch not compiled with CUDA enabled", "Found no NVIDIA driver", "No CUDA GPUs are available",
             "CUDA driver initialization failed", "invalid device ordinal")
 
@@ -234,6 +234,79 @@ def file_lock(path: str | os.PathLike):
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def read_case_records(path: str | os.PathLike, *, expect: Mapping[str, Any] | None = None) -> list[dict]:
+    """The ``cases`` records of an earlier run's JSON file (``[]`` when there is none).
+
+    Args:
+        path: the JSON file (``{"cases": [{...}, ...], ...}``).
+        expect: top-level entries the file must hold to be merged with (``{"label_names": [...]}``);
+            records of a file that differs are dropped, with a warning.
+
+    Returns:
+        The earlier records (dicts only); an unreadable file gives none, with a warning.
+    """
+    import json
+    import logging
+
+    path = Path(path)
+    if not path.is_file():
+        return []
+    log = logging.getLogger(__name__)
+    try:
+        content = json.loads(path.read_text())
+        if not isinstance(content, dict) or not isinstance(content.get("cases"), list):
+            raise ValueError("no list of cases")
+    except (OSError, ValueError) as e:
+        log.warning(f"{path}: unreadable earlier records ({e}); they are replaced")
+        return []
+    for name, value in (expect or {}).items():
+        if content.get(name) != value:
+            log.warning(f"{path}: earlier records are for {name} {content.get(name)}, not {value}; they are replaced")
+            return []
+    return [case for case in content["cases"] if isinstance(case, dict)]
+
+
+def merge_case_records(
+    path: str | os.PathLike,
+    records: Sequence[Mapping] | Callable[[list[dict]], Sequence[Mapping]],
+    write: Callable[[list[dict]], object],
+    *,
+    key: Callable[[Mapping], Any] | None = None,
+    expect: Mapping[str, Any] | None = None,
+    keep_earlier: bool = True,
+) -> list[dict]:
+    """Merge this run's case records with an earlier run's, by case, under a lock, and write them.
+
+    Runs sharing an output folder (shards, reruns, two users) wait for each other on
+    :func:`file_lock`, so none drops the records another wrote in between. Earlier cases stay; a
+    case of this run replaces the earlier record with the same ``key`` in its place; new cases follow.
+
+    Args:
+        path: the JSON file holding the records (``{"cases": [...]}``), read with :func:`read_case_records`.
+        records: this run's records, or a function of the earlier records that returns them (called
+            under the lock, e.g. to name new cases so that they do not take an earlier case's name).
+        write: writes the merged records (the JSON file at ``path`` and any companion such as a CSV),
+            atomically; called under the lock.
+        key: a record's identity (default: its ``"case"``); records whose key is ``None`` are never replaced.
+        expect: top-level entries the earlier file must hold to be merged with (see :func:`read_case_records`).
+        keep_earlier: ``False`` writes this run's records only (still under the lock).
+
+    Returns:
+        The merged records, as written.
+    """
+    identity = key or (lambda record: record.get("case"))
+    with file_lock(path):
+        earlier = read_case_records(path, expect=expect) if keep_earlier else []
+        new = records(earlier) if callable(records) else records
+        merged: dict = {}
+        for index, record in enumerate([*earlier, *(dict(r) for r in new)]):
+            found = identity(record)
+            merged[("<no key>", index) if found is None else ("key", found)] = record
+        cases = list(merged.values())
+        write(cases)
+    return cases
 
 
 def cpu_has_native_bf16(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:

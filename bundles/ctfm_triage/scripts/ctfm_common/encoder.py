@@ -208,7 +208,12 @@ class PooledEncoderHead(nn.Module):
 
 @dataclass
 class LoadReport:
-    """What a weight load did; ``str(report)`` is a readable summary."""
+    """What a weight load did; ``str(report)`` is its one log line.
+
+    The same line for both kinds of weights (``kind``: ``"encoder weights"`` or ``"model weights"``):
+    where they came from, how many tensors loaded into which part of the network, and the keys
+    that were missing, of the wrong shape or not used.
+    """
 
     source: str
     target_prefix: str
@@ -217,6 +222,7 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)
+    kind: str = "encoder weights"
 
     @property
     def ok(self) -> bool:
@@ -226,17 +232,17 @@ class LoadReport:
         def head(keys: list[str]) -> str:
             return ", ".join(keys[:5]) + (f" ... (+{len(keys) - 5} more)" if len(keys) > 5 else "")
 
-        lines = [
-            f"encoder weights from {self.source}: {len(self.loaded)} tensors loaded into "
+        parts = [
+            f"{self.kind} from {self.source}: {len(self.loaded)} tensors loaded into "
             f"'{self.target_prefix or '<network>'}' (source prefix '{self.source_prefix}')"
         ]
         if self.missing:
-            lines.append(f"  missing in the file ({len(self.missing)}): {head(self.missing)}")
+            parts.append(f"missing in the file ({len(self.missing)}): {head(self.missing)}")
         if self.mismatched:
-            lines.append(f"  shape mismatch ({len(self.mismatched)}): {head(self.mismatched)}")
+            parts.append(f"shape mismatch ({len(self.mismatched)}): {head(self.mismatched)}")
         if self.unexpected:
-            lines.append(f"  not part of the encoder, ignored ({len(self.unexpected)}): {head(self.unexpected)}")
-        return "\n".join(lines)
+            parts.append(f"not part of the network, ignored ({len(self.unexpected)}): {head(self.unexpected)}")
+        return "; ".join(parts)
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -393,9 +399,14 @@ def weights_digest(source: str | os.PathLike, *, cache_dir: str | None = None) -
     return _DIGESTS[key]
 
 
+def unwrap(network: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper (or the network itself)."""
+    return network.module if isinstance(network, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else network
+
+
 def encoder_of(network: nn.Module) -> tuple[nn.Module, str]:
     """Return the ``SegResEncoder`` inside ``network`` and its key prefix (``""`` or ``"encoder."``)."""
-    module = network.module if isinstance(network, nn.parallel.DistributedDataParallel) else network
+    module = unwrap(network)
     if isinstance(module, SegResEncoder):
         return module, ""
     encoder = getattr(module, "encoder", None)
@@ -419,6 +430,41 @@ def find_source_prefix(state: Mapping[str, torch.Tensor], expected: list[str]) -
     return max(dict.fromkeys(candidates), key=lambda p: sum(p + k in state for k in expected))
 
 
+#: The first convolution of the shared encoder: the one tensor whose shape depends on ``in_channels``.
+FIRST_CONV_KEY = "conv_init.weight"
+
+
+def inflate_first_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """Replicate a 1-channel conv kernel ``(out, 1, k, k, k)`` over ``in_channels``, divided by ``in_channels``.
+
+    A network fed ``in_channels`` copies of one image then computes exactly what the 1-channel
+    network computes on that image (used for multi-window input, e.g. head-CT triage).
+    """
+    if weight.shape[1] == in_channels:
+        return weight
+    if weight.shape[1] != 1:
+        raise ValueError(f"can only inflate a 1-channel first convolution, got {tuple(weight.shape)}")
+    return weight.repeat(1, in_channels, *([1] * (weight.ndim - 2))) / in_channels
+
+
+def _match(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], report: LoadReport) -> dict:
+    """Fill ``report`` with the keys of ``own`` found in ``state`` (under its source prefix); return those."""
+    prefix = report.source_prefix
+    matched: dict[str, torch.Tensor] = {}
+    for key, target in own.items():
+        value = state.get(prefix + key)
+        if value is None:
+            report.missing.append(key)
+        elif tuple(value.shape) != tuple(target.shape):
+            report.mismatched.append(f"{key} file {tuple(value.shape)} vs network {tuple(target.shape)}")
+        else:
+            matched[key] = value
+    used = {prefix + k for k in own}
+    report.unexpected = [k for k in state if k not in used]
+    report.loaded = list(matched)
+    return matched
+
+
 def load_encoder_weights(
     network: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor], *, strict: bool = True
 ) -> LoadReport:
@@ -426,7 +472,8 @@ def load_encoder_weights(
 
     Every encoder key must be present with the right shape (``strict``); keys of the file that
     are not part of the encoder (a segmentation decoder, a projection head) are reported and
-    ignored. The network is left untouched when the check fails.
+    ignored. A 1-channel first convolution is inflated to a network with more input channels
+    (:func:`inflate_first_conv`, logged). The network is left untouched when the check fails.
 
     Args:
         network: ``SegResEncoder``, ``SegResNetDS``, :class:`PooledEncoderHead`, or any module whose
@@ -436,7 +483,7 @@ def load_encoder_weights(
             tensors load and the report lists the rest.
 
     Returns:
-        The :class:`LoadReport` (also logged).
+        The :class:`LoadReport` (also logged, one line).
 
     Raises:
         EncoderWeightsError: missing or mismatched keys (strict), or an unreadable file.
@@ -447,30 +494,158 @@ def load_encoder_weights(
     own = encoder.state_dict()
     expected = list(own)
     prefix = find_source_prefix(state, expected)
+    first = state.get(prefix + FIRST_CONV_KEY)
+    in_channels = encoder.conv_init.in_channels
+    if first is not None and first.ndim > 1 and first.shape[1] == 1 and in_channels > 1:
+        state[prefix + FIRST_CONV_KEY] = inflate_first_conv(first, in_channels)
+        logger.info(f"{name}: first convolution inflated from 1 to {in_channels} input channels "
+                    f"(kernel replicated / {in_channels})")
     report = LoadReport(source=name, target_prefix=target_prefix, source_prefix=prefix)
-    matched: dict[str, torch.Tensor] = {}
-    for key in expected:
-        value = state.get(prefix + key)
-        if value is None:
-            report.missing.append(key)
-        elif tuple(value.shape) != tuple(own[key].shape):
-            report.mismatched.append(f"{key} file {tuple(value.shape)} vs network {tuple(own[key].shape)}")
-        else:
-            matched[key] = value
-    used = {prefix + k for k in expected}
-    report.unexpected = [k for k in state if k not in used]
-    report.loaded = list(matched)
+    matched = _match(state, own, report)
     if not matched:
         raise EncoderWeightsError(
             f"{name}: no encoder weights found ({len(state)} tensors, none matching the shared SegResEncoder "
-            f"keys such as '{expected[0]}'). Is this a CT-FM encoder checkpoint?\n{report}"
+            f"keys such as '{expected[0]}'). Is this a CT-FM encoder checkpoint? {report}"
         )
     if strict and not report.ok:
-        raise EncoderWeightsError(f"{name}: does not match the shared encoder (init_filters, in_channels?)\n{report}")
+        raise EncoderWeightsError(f"{name}: does not match the shared encoder (init_filters, in_channels?): {report}")
     own.update(matched)
     encoder.load_state_dict(own, strict=True)
     logger.info(str(report))
     return report
+
+
+def load_encoder(
+    network: nn.Module, encoder_ckpt: str | os.PathLike | None, *, random_init_ok: bool = False
+) -> nn.Module:
+    """The config route for encoder weights: load ``encoder_ckpt`` strictly, or say loudly that there are none.
+
+    Every bundle's configs call it the same way, ``$scripts.encoder.load_encoder(@network, @encoder_ckpt)``.
+
+    Args:
+        network: a network holding the shared encoder (DDP-wrapped too).
+        encoder_ckpt: weights (file, hub folder or repo id, see :func:`read_state_dict`); empty keeps
+            the random initialisation (a warning says so).
+        random_init_ok: random initialisation is the usual start (pretraining): logged as
+            information, not as a warning.
+
+    Returns:
+        The network.
+    """
+    if encoder_ckpt:
+        load_encoder_weights(network, encoder_ckpt, strict=True)
+    elif random_init_ok:
+        logger.info("encoder_ckpt is empty: the encoder starts from its random initialisation")
+    else:
+        logger.warning("!!! encoder_ckpt is empty: the encoder is RANDOMLY INITIALISED (no pretrained features). "
+                       "Pass --encoder_ckpt (the pretrain bundle's encoder.safetensors or the CT-FM release). !!!")
+    return network
+
+
+def load_model_weights(
+    network: nn.Module,
+    ckpt: str | os.PathLike | None,
+    *,
+    what: str = "model weights",
+    release: str = "",
+    train: str = "train them with configs/train.json and pass --ckpt",
+    settings: str = "init_filters",
+) -> nn.Module:
+    """The config route for complete task-model weights (evaluate, inference): strict, with the one-line report.
+
+    ``ckpt`` may be a ``.safetensors`` file, a torch file (read with ``weights_only=True``; training
+    checkpoints ``{"model": ..., "optimizer": ...}`` are unwrapped), a hub-format folder or a hub
+    repo id. Keys may carry a prefix (``model.``, ``module.``); keys of the file that the network
+    lacks are reported and ignored. Every key of the network must be there with its shape.
+
+    Args:
+        network: the task network (DDP-wrapped too).
+        ckpt: the weights; empty or ``None`` keeps the random initialisation (logged loudly).
+        what: what the weights are, for messages (``"whole-body model weights"``).
+        release: public hub repo id with such weights, offered when ``ckpt`` is missing.
+        train: how to make them instead, offered when ``ckpt`` is missing.
+        settings: the settings that change the network's shape, named when the weights do not fit.
+
+    Returns:
+        The network.
+
+    Raises:
+        WeightsNotFoundError: a ``ckpt`` path that does not exist: one line with the commands that get
+            weights (a ``SystemExit``, so ``monai.bundle run`` prints no traceback).
+        EncoderWeightsError: keys or shapes that do not match the network (one line).
+    """
+    if not ckpt:
+        logger.warning("ckpt is empty: the network keeps its RANDOM initialisation (untrained outputs)")
+        return network
+    text = os.fspath(ckpt)
+    if not os.path.exists(text) and not looks_like_repo_id(text):
+        raise missing_weights(text, what, release=release, train=train)
+    module = unwrap(network)
+    state = read_state_dict(text)
+    own = module.state_dict()
+    report = LoadReport(source=text, target_prefix="", source_prefix=find_source_prefix(state, list(own)),
+                        kind=what)
+    matched = _match(state, own, report)
+    if not report.ok:
+        raise EncoderWeightsError(f"{text}: does not match the network ({settings}?): {report}")
+    module.load_state_dict(matched, strict=True)
+    logger.info(str(report))
+    return network
+
+
+class FreezeEncoder:
+    """Ignite handler: keep the shared encoder fixed for the first epochs, or throughout.
+
+    The one freezing schedule of every bundle that fine-tunes the encoder (``freeze_encoder_epochs``):
+
+    - ``epochs == 0``: the encoder trains from the start (the handler does nothing);
+    - ``epochs == N > 0``: frozen for epochs 1..N, trained from epoch N+1 (the new head or
+      decoder first adapts to the pretrained features);
+    - ``epochs < 0``: frozen throughout, a linear probe of the pretrained features.
+
+    Frozen means no gradients for the encoder's parameters (``requires_grad`` off), and, unless
+    ``update_batch_norm``, batch norm in eval mode, so its running statistics stay those of the
+    loaded weights: the encoder then computes exactly the pretrained features. The trainer calls
+    ``network.train()`` every iteration, so the encoder is put in eval mode just before each of
+    its forward passes while it is frozen. With ``update_batch_norm`` the encoder's batch-norm
+    statistics keep following the new data (the layers stay in training mode).
+
+    Args:
+        network: a network holding the shared ``SegResEncoder`` (DDP / DataParallel-wrapped too).
+        epochs: see above.
+        update_batch_norm: let batch-norm statistics update while the weights are frozen.
+    """
+
+    def __init__(self, network: nn.Module, epochs: int = 0, update_batch_norm: bool = False) -> None:
+        self.encoder, _ = encoder_of(network)
+        self.epochs = int(epochs)
+        self.update_batch_norm = bool(update_batch_norm)
+        self.frozen = False
+        self.encoder.register_forward_pre_hook(self._keep_statistics)
+
+    def _keep_statistics(self, encoder: nn.Module, args) -> None:
+        if self.frozen and not self.update_batch_norm and encoder.training:
+            encoder.eval()
+
+    def attach(self, engine) -> None:
+        """Register with the trainer (at the start of every epoch)."""
+        from ignite.engine import Events
+
+        if self.epochs != 0:
+            engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine) -> None:
+        epoch = engine.state.epoch
+        frozen = self.epochs < 0 or epoch <= self.epochs
+        for parameter in self.encoder.parameters():
+            parameter.requires_grad_(not frozen)
+        if not frozen and self.frozen:
+            self.encoder.train()
+        if frozen != self.frozen or epoch == 1:
+            statistics = "" if not frozen else (", batch-norm statistics updating" if self.update_batch_norm
+                                                 else ", batch-norm statistics fixed")
+            logger.info(f"epoch {epoch}: encoder {'frozen' if frozen else 'trained'}{statistics}")
+        self.frozen = frozen
 
 
 def save_encoder_weights(network: nn.Module, path: str | os.PathLike, *, metadata: dict | None = None) -> Path:
