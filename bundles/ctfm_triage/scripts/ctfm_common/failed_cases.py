@@ -230,7 +230,7 @@ class CacheDatasetNamingFailures(_monai_cache_dataset()):
             return super()._load_cache_item(idx)
         except Exception as error:
             named = self._named(idx, error)
-            if named is error:
+            if named is error or named is root_cause(error):  # already names the file: as it was
                 raise
             raise named from error
 
@@ -239,6 +239,6 @@ class CacheDatasetNamingFailures(_monai_cache_dataset()):
             return super()._transform(index)
         except Exception as error:
             named = self._named(index, error)
-            if named is error:
+            if named is error or named is root_cause(error):  # already names the file: as it was
                 raise
             raise named from error
