@@ -26,6 +26,7 @@ import inspect
 import json
 import logging
 import subprocess
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -492,7 +493,8 @@ def settings_cases(corpus, tmp_path) -> dict[str, list[dict]]:
     files["evaluate_past_load_failures"] = {"validation": [truncated_image, truncated_label, seg_item]}
     files["evaluate_every_case_fails_to_load"] = {"validation": [truncated_image]}
     # the triage evaluation as well (a truncated scan among good ones; only truncated scans)
-    triage_good = [{"image": str(paths["good"]), "label": k} for k in (0, 1)]
+    shutil.copy(paths["good"], root / "good_copy.nii.gz")  # two scans (one scan listed twice is one case)
+    triage_good = [{"image": str(paths["good"]), "label": 0}, {"image": str(root / "good_copy.nii.gz"), "label": 1}]
     triage_truncated = {"image": str(paths["truncated"]), "label": 1}
     files["evaluate_past_load_failures_triage"] = {"validation": [triage_truncated, *triage_good]}
     files["evaluate_every_case_fails_to_load_triage"] = {"validation": [triage_truncated]}
