@@ -25,8 +25,8 @@ import csv
 import inspect
 import json
 import logging
-import subprocess
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
