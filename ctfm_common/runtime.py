@@ -81,6 +81,10 @@ def user_error_line(error: BaseException) -> str | None:
         if isinstance(cause, UsageError) or type(cause).__name__ in _ONE_LINE_ERRORS:
             return str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
     for cause in chain:
+        line = _worker_error_line(str(cause))
+        if line:
+            return line
+    for cause in chain:
         if isinstance(cause, OSError) and cause.errno in _ENVIRONMENT_ERRNOS:
             where = cause.filename if cause.filename is not None else ""
             what = cause.strerror or os.strerror(cause.errno)
@@ -92,6 +96,19 @@ def user_error_line(error: BaseException) -> str | None:
         if any(marker in text for marker in _NO_CUDA):
             reason = text.strip().splitlines()[0].split(". ")[0][:120]
             return f"a CUDA device was requested but this machine has none usable ({reason}); run with --device cpu"
+    return None
+
+
+def _worker_error_line(text: str) -> str | None:
+    """The one line of a refused input or setting raised in a ``DataLoader`` worker: PyTorch re-raises it in
+    the main process as an error whose message is the worker's traceback (``Caught InputError in DataLoader
+    worker process 0.`` ... ``scripts.ctfm_common.validate.InputError: <file>: <problem>``)."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    if not lines or not lines[0].startswith("Caught ") or "DataLoader worker" not in lines[0]:
+        return None
+    kind, _, message = lines[-1].partition(": ")
+    if kind.rsplit(".", 1)[-1] in {*_ONE_LINE_ERRORS, "UsageError"} and message.strip():
+        return message.strip()
     return None
 
 

@@ -240,11 +240,17 @@ SETTINGS_EXPECTED: dict[str, str] = {
     "label_shifted_30mm": "label map is not on the voxel grid of its image",
     "output_dir_unwritable": "pick a writable --output_dir",
     "evaluate_every_case_fails_to_load": "every case of the evaluation failed",
+    "train_truncated_image": "truncated or corrupt file: EOFError",
 }
 #: cases of image/label pairs (label maps: the segmentation runners only)
 LABEL_MAP_CASES = ("label_other_grid", "label_shifted_30mm")
 #: cases of the evaluate runners only (a batch that goes on past bad cases; one where all fail)
 EVALUATE_CASES = ("evaluate_past_bad_pairs", "evaluate_past_load_failures", "evaluate_every_case_fails_to_load")
+#: evaluate cases of image/label pairs (the segmentation evaluation only)
+SEG_EVALUATE_CASES = ("evaluate_past_bad_pairs",)
+#: cases of the training runners only: supervised training stops with the one line; pretraining skips the
+#: scan (a warning naming it, a ``.bad.txt`` marker in its cache) and goes on
+TRAIN_CASES = ("train_truncated_image",)
 #: a folder nobody can create, root included: sysfs refuses new folders (or is mounted read-only)
 UNWRITABLE_FOLDER = "/sys/ctfm_unwritable_output"
 
@@ -291,7 +297,8 @@ def run_cases_in_one_process(bundle_root: str, cases: list[dict]) -> list[dict]:
         messages: list[str] = []
         result["log"] = messages
         collect = Collect(logging.WARNING)
-        loggers = [logging.getLogger(n) for n in ("ctfm_common.validate", "ctfm_wholebody_seg", "scripts")]
+        loggers = [logging.getLogger(n) for n in ("ctfm_common.validate", "ctfm_wholebody_seg", "ctfm_pretrain",
+                                                  "scripts")]
         for logger in loggers:
             logger.addHandler(collect)
         start = time.perf_counter()

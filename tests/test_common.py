@@ -246,3 +246,16 @@ def test_case_records_merge_by_key_under_the_lock(tmp_path, caplog):
     assert runtime.merge_case_records(path, [{"case": "r"}], write) == [{"case": "r"}]
     assert "unreadable earlier records" in caplog.text
     assert runtime.merge_case_records(path, [{"case": "s"}], write, keep_earlier=False) == [{"case": "s"}]
+
+
+def test_root_cause_ends_on_a_cause_chain_that_loops_back():
+    """An error re-raised ``from`` one of its own causes makes a loop: the walk still ends, at the innermost
+    error before it (a training stopped by a bad label once spun here for ever)."""
+    from ctfm_common.validate import InputError, root_cause
+
+    named = InputError("ct_labels.nii.gz", "label values 200 outside the label map")
+    wrapper = RuntimeError("applying transform CheckLabelsd")
+    wrapper.__cause__ = named
+    named.__cause__ = wrapper  # ``raise named from wrapper`` after the wrapper already came from it
+    assert root_cause(wrapper) is named
+    assert root_cause(RuntimeError("plain")).args == ("plain",)

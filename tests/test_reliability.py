@@ -25,6 +25,7 @@ import csv
 import inspect
 import json
 import logging
+import shutil
 import subprocess
 import sys
 import time
@@ -40,7 +41,9 @@ from bad_inputs import (
     LABEL_MAP_CASES,
     MR_WARNING,
     ROUND_2,
+    SEG_EVALUATE_CASES,
     SETTINGS_EXPECTED,
+    TRAIN_CASES,
     body_volume,
     unwritable_folder,
     write_corpus,
@@ -452,6 +455,10 @@ RUNNERS = {
 }
 
 
+#: ``metrics.json`` of an earlier evaluation in the output folder of one where every case fails
+EARLIER_REPORT = '{"mean_dice": 0.5}\n'
+
+
 def settings_cases(corpus, tmp_path) -> dict[str, list[dict]]:
     """Every case of SETTINGS_EXPECTED for every runner that reads that kind of input, grouped by bundle."""
     paths, root = corpus["paths"], tmp_path
@@ -485,6 +492,15 @@ def settings_cases(corpus, tmp_path) -> dict[str, list[dict]]:
     truncated_label = {"image": str(paths["good"]), "label": str(root / "truncated_labels.nii.gz")}
     files["evaluate_past_load_failures"] = {"validation": [truncated_image, truncated_label, seg_item]}
     files["evaluate_every_case_fails_to_load"] = {"validation": [truncated_image]}
+    # the triage evaluation as well (a truncated scan among good ones; only truncated scans)
+    shutil.copy(paths["good"], root / "good_copy.nii.gz")  # two scans (one scan listed twice is one case)
+    triage_good = [{"image": str(paths["good"]), "label": 0}, {"image": str(root / "good_copy.nii.gz"), "label": 1}]
+    triage_truncated = {"image": str(paths["truncated"]), "label": 1}
+    files["evaluate_past_load_failures_triage"] = {"validation": [triage_truncated, *triage_good]}
+    files["evaluate_every_case_fails_to_load_triage"] = {"validation": [triage_truncated]}
+    # training with a truncated image among good ones (pretraining reads the triage datalists)
+    files["train_truncated_image"] = {"training": [seg_item, truncated_image], "validation": [seg_item]}
+    files["train_truncated_image_triage"] = {"training": [*triage_good, triage_truncated], "validation": triage_good}
     for name, content in files.items():
         (root / f"{name}.json").write_text(content if isinstance(content, str) else json.dumps(content))
     (root / "a_file").write_text("not a folder")
@@ -506,12 +522,19 @@ def settings_cases(corpus, tmp_path) -> dict[str, list[dict]]:
                 continue
             if case in LABEL_MAP_CASES and runner not in ("seg_train", "seg_evaluate"):
                 continue
-            if case in EVALUATE_CASES and runner != "seg_evaluate":
+            if case in EVALUATE_CASES and runner not in ("seg_evaluate", "triage_evaluate"):
+                continue
+            if case in SEG_EVALUATE_CASES and runner != "seg_evaluate":
+                continue
+            if case in TRAIN_CASES and runner not in ("seg_train", "triage_train", "pretrain_train"):
                 continue
             if case == "output_dir_unwritable" and unwritable is None:
                 continue
             out = root / "runs" / runner / case
-            data = root / f"{case}.json" if case.startswith(("datalist", "item", "label", "evaluate")) else good
+            named_data = case.startswith(("datalist", "item", "label", "evaluate", "train"))
+            data = root / f"{case}.json" if named_data else good
+            if bundle != "ctfm_wholebody_seg" and case in (*EVALUATE_CASES, *TRAIN_CASES):
+                data = root / f"{case}_triage.json"
             overrides = {**tiny[bundle], data_id: str(data), "output_dir": str(out / "out")}
             overrides = {k: v for k, v in overrides.items() if not (bundle == "ctfm_retrieval" and k == "save_preview")}
             if data_id == "datalist":
@@ -524,10 +547,16 @@ def settings_cases(corpus, tmp_path) -> dict[str, list[dict]]:
                 overrides["output_dir"] = unwritable
             if case == "device_cuda_without_cuda":
                 overrides["device"] = "cuda"
+            if runner == "pretrain_train" and case == "train_truncated_image":  # it trains: one step, all 3 scans
+                overrides.update(epoch_length=1, batch_size=3)
+            if case == "evaluate_every_case_fails_to_load":  # a report of an earlier run, to be kept
+                (out / "out").mkdir(parents=True)
+                (out / "out" / "metrics.json").write_text(EARLIER_REPORT)
             files_named = {
                 "output_dir_is_a_file": [str(root / "a_file")],
                 "output_dir_unwritable": [str(unwritable)],
                 "evaluate_every_case_fails_to_load": [str(paths["truncated"]), "metrics_errors.csv"],
+                "train_truncated_image": [str(paths["truncated"])],
                 "device_cuda_without_cuda": ["--device cpu"],
                 "label_other_grid": [str(root / "other_grid.nii.gz"), str(paths["good"])],
                 "label_shifted_30mm": [str(root / "shifted.nii.gz"), str(paths["good"]), "30 mm"],
@@ -538,6 +567,33 @@ def settings_cases(corpus, tmp_path) -> dict[str, list[dict]]:
                 "config_files": [str(BUNDLES_DIR / bundle / "configs" / c) for c in configs],
             })
     return by_bundle
+
+
+def test_a_file_failing_to_load_in_training_ends_in_one_line_naming_it_also_from_a_worker(corpus):
+    from monai.data import DataLoader
+    from monai.transforms import Compose, Lambdad, LoadImaged
+
+    from ctfm_common import runtime
+    from ctfm_common.failed_cases import CacheDatasetNamingFailures
+
+    good, truncated = str(corpus["paths"]["good"]), str(corpus["paths"]["truncated"])
+    data, load = [{"image": good}, {"image": truncated}], LoadImaged("image", image_only=True)
+    expected = f"{truncated}: truncated or corrupt file: EOFError"
+    # cache_rate 1: the cache is built up front; cache_rate 0: loaded by the DataLoader, in a worker process too
+    with pytest.raises(Exception) as error:
+        CacheDatasetNamingFailures(data=data, transform=load, cache_rate=1.0, keys=["image"], progress=False)
+    assert (runtime.user_error_line(error.value) or "").startswith(expected), error.value
+    dataset = CacheDatasetNamingFailures(data=data, transform=load, cache_rate=0.0, keys=["image"])
+    for workers in (0, 1):
+        with pytest.raises(Exception) as error:
+            list(DataLoader(dataset, batch_size=1, num_workers=workers))
+        line = runtime.user_error_line(error.value)
+        assert line is not None and line.startswith(expected) and "\n" not in line, (workers, error.value)
+    # a failure that is not the files' (each loads alone) keeps its traceback: a bug is not blamed on a scan
+    bug = Compose([load, Lambdad("image", lambda x: 1 / 0)])
+    with pytest.raises(Exception) as error:
+        CacheDatasetNamingFailures(data=data[:1], transform=bug, cache_rate=0.0, keys=["image"])[0]
+    assert runtime.user_error_line(error.value) is None
 
 
 def test_read_only_or_forbidden_folders_end_in_one_line_naming_the_folder():
@@ -605,6 +661,19 @@ def test_bad_settings_end_in_one_line_naming_the_file_in_every_runner(corpus, tr
     problems = []
     for result, named in results:
         line = result["line"] or ""
+        if result["name"] == "evaluate_every_case_fails_to_load":  # the earlier report is kept as it was
+            out = Path(result["output_dir"])
+            assert (out / "metrics.json").read_text() == EARLIER_REPORT, result
+        if result["name"] == "train_truncated_image" and result["runner"] == "pretrain_train":
+            # pretraining skips the scan (named in a warning and a marker in its cache) and trains on the rest
+            assert result["ok"], result["line"] or result["traceback"]
+            truncated = str(corpus["paths"]["truncated"])
+            assert any(m.startswith(f"skipping scan: {truncated}: truncated or corrupt file: EOFError")
+                       for m in result["log"]), result["log"]
+            continue
+        if result["name"] == "train_truncated_image":  # supervised training stops, nothing half-written
+            models = Path(result["output_dir"]).parent / "models"
+            assert not models.exists() or not [p for p in models.rglob("*") if p.is_file()], list(models.rglob("*"))
         if result["name"] == "evaluate_past_bad_pairs":  # scored the good pair, named the bad one
             out = Path(result["output_dir"])
             assert result["ok"] and json.loads((out / "metrics.json").read_text())["num_cases"] == 1, result
@@ -614,8 +683,17 @@ def test_bad_settings_end_in_one_line_naming_the_file_in_every_runner(corpus, tr
             out = Path(result["output_dir"])
             assert result["ok"], result["line"] or result["traceback"]
             metrics = json.loads((out / "metrics.json").read_text())
-            assert metrics["num_cases"] == 1 and metrics["num_failed"] == 2, metrics
+            assert metrics["num_failed"] == (1 if result["runner"] == "triage_evaluate" else 2), metrics
+            assert result["runner"] == "triage_evaluate" or metrics["num_cases"] == 1, metrics
             errors = list(csv.DictReader(open(out / "metrics_errors.csv")))
+            if result["runner"] == "triage_evaluate":  # a truncated scan among two good ones, both scored
+                assert [(r["case"], r["source"]) for r in errors] == [("truncated", str(corpus["paths"]["truncated"]))]
+                assert errors[0]["error"].startswith("truncated or corrupt file: EOFError"), errors
+                assert metrics["failed"] == errors
+                assert len(list(csv.DictReader(open(out / "predictions.csv")))) == 2
+                assert f"failed: {errors[0]['source']}: {errors[0]['error']}; going on with the other cases" in \
+                    result["log"], result["log"]
+                continue
             truncated_label = str(tmp_path / "truncated_labels.nii.gz")
             assert [r["source"] for r in errors] == [str(corpus["paths"]["truncated"]), truncated_label], errors
             assert [r["case"] for r in errors] == ["truncated", "good"]
@@ -631,4 +709,6 @@ def test_bad_settings_end_in_one_line_naming_the_file_in_every_runner(corpus, tr
     assert not problems, "\n".join(problems)
     # 5 cases x 8 runners (6 with a folder nobody can create), less the 4 runners that read no labels; 2 label-map
     # cases x the 2 segmentation runners; 3 evaluations: past bad pairs, past load failures, every case failing
-    assert len(results) == (6 if unwritable_folder() else 5) * 8 - 4 + 2 * 2 + 3
+    # + the triage evaluation past a truncated scan and where every scan is truncated; training with a truncated
+    # image in the 3 training runners
+    assert len(results) == (6 if unwritable_folder() else 5) * 8 - 4 + 2 * 2 + 3 + 2 + 3

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from . import metrics
+from .ctfm_common.failed_cases import check_evaluated, named_failures, write_failures
 from .ctfm_common.inputs import case_name
 from .ctfm_common.runtime import UsageError
 from .ctfm_common.validate import describe_failure
@@ -169,6 +170,7 @@ def evaluate(
     num_bootstrap: int = 1000,
     seed: int = 0,
     ckpt: str = "",
+    failures: Sequence[Mapping] = (),
 ) -> dict[str, str]:
     """Metrics at the stored thresholds, with bootstrap 95% CIs, from an evaluator's predictions.
 
@@ -183,15 +185,25 @@ def evaluate(
         num_bootstrap: bootstrap resamples.
         seed: bootstrap seed.
         ckpt: the evaluated checkpoint, recorded in the JSON.
+        failures: the scans that failed to load (``case``, ``source``, ``error``;
+            ``ctfm_common.failed_cases.SkipFailedCases`` fills it): written to ``metrics_errors.csv`` and
+            listed in ``metrics.json`` (``num_failed``, ``failed``).
 
     Returns:
         The written paths by kind.
+
+    Raises:
+        UsageError: every scan failed (the earlier report is kept; the failures are in ``metrics_errors.csv``).
     """
+    failed = named_failures(failures)
+    errors_csv = write_failures(failed, output_dir)
     result = collector.result()
+    check_evaluated(failed, len(result["images"]), output_dir)
     thresholds = unwrap(network).threshold.detach().float().cpu().tolist()
     report = metrics.evaluate_predictions(result["labels"], result["probabilities"], thresholds,
                                           label_names=label_names, num_bootstrap=num_bootstrap, seed=seed)
-    report = {"checkpoint": str(ckpt), "num_bootstrap": num_bootstrap, "confidence": 0.95, **report}
+    report = {"checkpoint": str(ckpt), "num_bootstrap": num_bootstrap, "confidence": 0.95, **report,
+              "num_failed": len(failed), "failed": failed}
     paths = {
         "metrics_json": str(write_json(os.path.join(output_dir, "metrics.json"), report)),
         "metrics_csv": str(write_csv(os.path.join(output_dir, "metrics.csv"), metrics_rows(report),
@@ -199,6 +211,8 @@ def evaluate(
                                       "num_positive"])),
         "roc_png": str(plot_roc(report, os.path.join(output_dir, "roc_curve.png"), title="triage ROC")),
     }
+    if errors_csv is not None:
+        paths["errors_csv"] = str(errors_csv)
     cases = []
     for image, y, p in zip(result["images"], result["labels"], result["probabilities"]):
         cases.append({"case": case_name(image) if image else "", "image": image,

@@ -17,9 +17,10 @@ prediction is inverted to it first), so they match a hand computation on the fil
 
 An evaluation goes on past a case that cannot be used: one that fails the header checks is left
 out by ``load_datalist(skip_bad=True)``, one that fails while loading (a truncated file whose header
-is fine, NaN voxels) by :class:`EvaluationDataset` and :class:`SkipFailedCases`. Each is named with
-its problem in the log (``failed: <file>: <problem>``) and in ``metrics_errors.csv`` / ``metrics.json``;
-only a run where every case failed ends in an error.
+is fine, NaN voxels) by ``ctfm_common.failed_cases`` (``EvaluationDataset``, ``SkipFailedCases``; the
+triage evaluation uses them too). Each is named with its problem in the log (``failed: <file>:
+<problem>``) and in ``metrics_errors.csv`` / ``metrics.json``; only a run where every case failed ends
+in an error.
 """
 
 from __future__ import annotations
@@ -28,28 +29,22 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from monai.data import Dataset
 from monai.metrics import compute_dice, compute_surface_dice
 
+from .ctfm_common.failed_cases import ERROR_FIELDS, check_evaluated, named_failures, write_failures
 from .ctfm_common.inputs import case_name, case_names, case_source
-from .ctfm_common.runtime import UsageError
-from .ctfm_common.validate import InputError, describe_failure, root_cause
 from .labels import read_label_names
 from .segment import write_bytes_atomic, write_csv
 
 logger = logging.getLogger("ctfm_wholebody_seg")
 
 CASE_FIELDS = ("case", "index", "name", "dice", "nsd", "reference_voxels", "predicted_voxels")
-#: columns of ``metrics_errors.csv`` (the shape of the retrieval bundle's ``errors.csv``)
-ERROR_FIELDS = ("case", "source", "error")
-#: the entry of a data dict standing for a case that could not be loaded (:class:`EvaluationDataset`)
-FAILED_KEY = "failed_case"
 
 
 def _crop(pred: np.ndarray, label: np.ndarray, margin: int = 2) -> tuple[np.ndarray, np.ndarray]:
@@ -210,75 +205,6 @@ class CaseNames:
         return {"subject": self(str(metadict["filename_or_obj"])), "idx": None}
 
 
-def failing_file(item: Mapping, keys: Sequence[str]) -> str:
-    """Which of an item's files a loading failure came from (each is loaded alone; only run after a failure).
-
-    MONAI's readers do not name the file in their errors (a truncated gzip raises a bare ``EOFError``).
-    The first file that fails to load alone is the culprit; when each loads, the image is named.
-    """
-    from monai.transforms import LoadImage
-
-    paths = [os.fspath(item[k]) for k in keys if isinstance(item.get(k), (str, os.PathLike))]
-    for path in paths:
-        try:
-            LoadImage(image_only=True)(path)
-        except Exception:
-            return path
-    return paths[0] if paths else "<case>"
-
-
-class EvaluationDataset(Dataset):
-    """MONAI's ``Dataset`` for an evaluation: a case whose transforms fail (a truncated file, NaN voxels)
-    becomes ``{FAILED_KEY: "<file>: <problem>", "failed_source": <file>, "failed_image": <image>}``
-    instead of ending the run; :class:`SkipFailedCases` reports and drops it (batch size 1).
-
-    Args:
-        data: the evaluation's data dicts.
-        transform: their preprocessing.
-        keys: the file entries of an item, image first (what a failure may name).
-    """
-
-    def __init__(self, data: Sequence, transform: Callable | None = None, keys: Sequence[str] = ("image", "label")):
-        super().__init__(data=data, transform=transform)
-        self.keys = list(keys)
-
-    def _transform(self, index: int):
-        try:
-            return super()._transform(index)
-        except Exception as error:  # any reader or transform failure: one case, not the whole evaluation
-            item = self.data[index]
-            cause = root_cause(error)
-            source = cause.source if isinstance(cause, InputError) else failing_file(item, self.keys)
-            return {FAILED_KEY: describe_failure(source, error), "failed_source": source,
-                    "failed_image": os.fspath(item.get(self.keys[0], source))}
-
-
-class SkipFailedCases:
-    """An evaluator's data: the batches of ``dataloader`` less the cases :class:`EvaluationDataset` could not
-    load, each logged in one line (``failed: <file>: <problem>``) and added to ``failures``.
-
-    Args:
-        dataloader: the evaluation's ``DataLoader`` (batch size 1) over an :class:`EvaluationDataset`.
-        failures: the list the failed cases are added to (``case``, ``source``, ``error``); it may already
-            hold the items ``load_datalist(skip_bad=True)`` left out.
-    """
-
-    def __init__(self, dataloader: Iterable, failures: list | None = None) -> None:
-        self.dataloader = dataloader
-        self.failures = failures if failures is not None else []
-
-    def __iter__(self):
-        for batch in self.dataloader:
-            if isinstance(batch, Mapping) and FAILED_KEY in batch:
-                for line, source, image in zip(batch[FAILED_KEY], batch["failed_source"], batch["failed_image"]):
-                    logger.error(f"failed: {line}; going on with the other cases")
-                    failure = {"case": case_source(image), "source": source, "error": line[len(source) + 2:]}
-                    if failure not in self.failures:
-                        self.failures.append(failure)
-                continue
-            yield batch
-
-
 class SegmentationReport:
     """Evaluator handler: scores each case (:func:`score_case`) and writes the report at the end.
 
@@ -338,13 +264,8 @@ class SegmentationReport:
         sources = list(dict.fromkeys(row["case"] for row in self.rows))  # one identity per scanned file
         names = dict(zip(sources, case_names(sources, logger=logger)))
         self.rows = [{**row, "case": names[row["case"]]} for row in self.rows]
-        failures = [{**f, "case": case_name(f["case"])} for f in self.failures]
-        errors_csv = Path(self.output_dir) / "metrics_errors.csv"
-        if failures:
-            write_csv(failures, errors_csv, ERROR_FIELDS)
-            logger.error(f"{len(failures)} case(s) failed, listed in {errors_csv}")
-        else:
-            errors_csv.unlink(missing_ok=True)  # a stale list of an earlier run
+        failures = named_failures(self.failures)
+        write_failures(failures, self.output_dir)
         if failures and not self.rows and engine.state.iteration == 0:
             return  # nothing scored: the earlier report stays, check_scored() ends the run
         summary = write_report(self.rows, self.output_dir, failures=failures)
@@ -359,8 +280,4 @@ class SegmentationReport:
         Raises:
             UsageError: one line naming the error list and the first failure.
         """
-        if self.failures and not self.rows:
-            first = self.failures[0]
-            errors_csv = Path(self.output_dir) / "metrics_errors.csv"
-            raise UsageError(f"{errors_csv}: every case of the evaluation failed ({len(self.failures)}), nothing "
-                             f"was scored; the first: {first['source']}: {first['error']}")
+        check_evaluated(self.failures, len(self.rows), self.output_dir)

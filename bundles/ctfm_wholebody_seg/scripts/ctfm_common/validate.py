@@ -82,9 +82,15 @@ class InputError(ValueError):
 
 
 def root_cause(error: BaseException) -> BaseException:
-    """The innermost cause of an exception (MONAI wraps transform errors in ``RuntimeError``)."""
-    while error.__cause__ is not None:
+    """The innermost cause of an exception (MONAI wraps transform errors in ``RuntimeError``).
+
+    A chain that loops back (an error re-raised from one of its own causes) ends at the last error
+    before the loop.
+    """
+    seen = {id(error)}
+    while error.__cause__ is not None and id(error.__cause__) not in seen:
         error = error.__cause__
+        seen.add(id(error))
     return error
 
 
