@@ -325,7 +325,8 @@ def test_triage_rerun_continues_keeps_the_best_model_and_removes_a_killed_save(h
     log = rerun.stdout + rerun.stderr
     assert "Restored all variables from" in log and "model_last.pt" in log and logged_epochs(log) == [3], log[-3000:]
     assert not (models / "tmpk1ll3d00").exists()
-    assert visible_files(models) == ["last.pt", "model.pt", "model_last.pt", "thresholds.json"]  # writes the new name
+    assert visible_files(models) == ["last.pt", "last.pt.settings.json", "model.pt", "model.pt.settings.json",
+                                     "model_last.pt", "thresholds.json"]  # writes the new name (+ its settings)
     after = torch.load(models / "last.pt", weights_only=True)["best_saver"]["_saved"][0][0]
     assert after >= best_auc
     assert json.loads((models / "thresholds.json").read_text())["key_metric"] >= thresholds["key_metric"]
