@@ -25,15 +25,13 @@ result nobody sees.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from .inputs import case_name, case_source
-from .runtime import UsageError, atomic_write_text
+from .runtime import UsageError, write_error_list
 from .validate import InputError, describe_failure, root_cause
 
 logger = logging.getLogger(__name__)
@@ -58,16 +56,6 @@ def _first_unloadable(item: Mapping, keys: Sequence[str]) -> str | None:
     return None
 
 
-def failing_file(item: Mapping, keys: Sequence[str]) -> str:
-    """Which of an item's files a loading failure came from (each is loaded alone; only run after a failure).
-
-    MONAI's readers do not name the file in their errors (a truncated gzip raises a bare ``EOFError``).
-    The first file that fails to load alone is the culprit; when each loads, the image is named.
-    """
-    paths = [os.fspath(item[k]) for k in keys if isinstance(item.get(k), (str, os.PathLike))]
-    return _first_unloadable(item, keys) or (paths[0] if paths else "<case>")
-
-
 def load_failure(
     item: Mapping, keys: Sequence[str], error: BaseException, blame_image: bool = True
 ) -> InputError | None:
@@ -87,7 +75,7 @@ def load_failure(
     source = _first_unloadable(item, keys)
     if source is None and not blame_image:
         return None
-    if source is None:
+    if source is None:  # each file loads alone: the image is named
         paths = [os.fspath(item[k]) for k in keys if isinstance(item.get(k), (str, os.PathLike))]
         source = paths[0] if paths else "<case>"
     return InputError(source, describe_failure(source, error)[len(source) + 2:])
@@ -180,17 +168,9 @@ def write_failures(failures: Sequence[Mapping], output_dir: str | os.PathLike) -
     Returns:
         The CSV path, ``None`` when nothing failed.
     """
-    errors_csv = Path(output_dir) / ERRORS_FILE
-    if not failures:
-        errors_csv.unlink(missing_ok=True)
-        return None
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=ERROR_FIELDS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(failures)
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(errors_csv, buffer.getvalue())
-    logger.error(f"{len(failures)} case(s) failed, listed in {errors_csv}")
+    errors_csv = write_error_list(Path(output_dir) / ERRORS_FILE, failures, ERROR_FIELDS)
+    if errors_csv is not None:
+        logger.error(f"{len(failures)} case(s) failed, listed in {errors_csv}")
     return errors_csv
 
 

@@ -12,14 +12,12 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .ctfm_common.runtime import atomic_write_text
+from .ctfm_common.runtime import write_error_list
 from .ctfm_common.validate import describe_failure
 
 logger = logging.getLogger("ctfm_retrieval.batch")
@@ -53,19 +51,8 @@ def run_each(
             line = describe_failure(str(source), e)
             logger.error(f"cannot {what}: {line}; going on with the others")
             errors.append({"source": str(source), "error": line[len(str(source)) + 2 :]})
-    if errors_file is None:
-        pass
-    elif errors:
-        errors_file = Path(errors_file)
-        errors_file.parent.mkdir(parents=True, exist_ok=True)
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=["source", "error"], lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(errors)
-        atomic_write_text(errors_file, buffer.getvalue())
+    if errors_file is not None and write_error_list(errors_file, errors, ("source", "error"), "\n"):
         logger.error(f"{len(errors)} of {len(sources)} scan(s) failed, listed in {errors_file}")
-    else:
-        Path(errors_file).unlink(missing_ok=True)
     if sources and not done:
         failures = "; ".join(f"{e['source']}: {e['error']}" for e in errors)
         raise RuntimeError(f"cannot {what}: every scan failed: {failures}")

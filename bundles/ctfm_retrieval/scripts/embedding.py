@@ -42,7 +42,7 @@ from torch import nn
 
 from .ctfm_common.encoder import weights_digest
 from .ctfm_common.inputs import IMAGE_SUFFIXES, case_names, claim_case_names
-from .ctfm_common.runtime import as_bool, atomic_write, atomic_write_text, shard_items
+from .ctfm_common.runtime import as_bool, atomic_write, atomic_write_text, shard_items, write_error_list
 from .ctfm_common.validate import describe_failure
 
 logger = logging.getLogger("ctfm_retrieval.embed")
@@ -435,17 +435,8 @@ def embed_dataset(
 
     suffix = "" if num_shards == 1 else f".shard{shard_index}of{num_shards}"
     error_file = out_dir / f"errors{suffix}.csv"
-    if errors:
-        import io
-
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=["case", "source", "error"], lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(errors)
-        atomic_write_text(error_file, buffer.getvalue())
+    if write_error_list(error_file, errors, ("case", "source", "error"), "\n"):
         logger.error(f"{len(errors)} scan(s) failed, listed in {error_file}")
-    else:
-        error_file.unlink(missing_ok=True)
     _write_index(out_dir / f"index.shard{shard_index}of{num_shards}.csv", rows)
     merged = merge_index_parts(out_dir, num_shards)
     state = f"merged into {out_dir / 'index.csv'}" if merged else "part written (waiting for other shards)"

@@ -214,6 +214,36 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def write_error_list(
+    path: str | os.PathLike, errors: Sequence[Mapping], fields: Sequence[str], lineterminator: str = "\r\n"
+) -> Path | None:
+    """Write the list of failed items as CSV (atomically), or remove a stale list of an earlier run when
+    nothing failed.
+
+    Args:
+        path: the CSV file.
+        errors: one row per failed item.
+        fields: the columns (other keys of a row are ignored).
+        lineterminator: the CSV line ending.
+
+    Returns:
+        The CSV path, ``None`` when nothing failed.
+    """
+    import csv
+    import io
+
+    path = Path(path)
+    if not errors:
+        path.unlink(missing_ok=True)
+        return None
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(fields), extrasaction="ignore", lineterminator=lineterminator)
+    writer.writeheader()
+    writer.writerows(errors)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(path, buffer.getvalue())
+
+
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike):
     """Hold an exclusive lock for ``path`` (on ``<path>.lock``) while reading-merging-writing it.
