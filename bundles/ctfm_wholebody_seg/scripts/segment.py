@@ -35,7 +35,7 @@ from torch import nn
 
 from .ctfm_common.inputs import claim_case_names
 from .ctfm_common.runtime import (as_bool, atomic_write, atomic_write_text, cpu_has_native_bf16, file_lock,
-                                   merge_case_records)
+                                   merge_case_records, read_case_records)
 from .ctfm_common.display import ras_voxel_sizes  # noqa: F401  (the preview's voxel sizes, re-exported)
 from .ctfm_common.validate import describe_failure
 from .labels import display_colours, read_label_names
@@ -44,15 +44,6 @@ logger = logging.getLogger("ctfm_wholebody_seg")
 
 # Soft-tissue window of the PNG preview (HU).
 PREVIEW_WINDOW = (-160.0, 240.0)
-
-
-def read_summary(path: Path) -> dict:
-    """An earlier run's ``summary.json`` (empty when absent or unreadable)."""
-    try:
-        summary = json.loads(path.read_text())
-        return summary if isinstance(summary, dict) and isinstance(summary.get("cases"), list) else {"cases": []}
-    except (OSError, ValueError):
-        return {"cases": []}
 
 
 def merge_summary(path: Path, results: Sequence[Mapping]) -> dict:
@@ -499,8 +490,7 @@ def segment_cases(
     logger.info(f"network precision: {'bfloat16 autocast' if bf16 else 'float32'} on {device}")
     paths = [str(item[key]) for item in items]
     with file_lock(output_dir / "summary.json"):  # names of earlier runs' cases are taken
-        taken = {c.get("case"): c.get("input", "") for c in read_summary(output_dir / "summary.json")["cases"]
-                 if isinstance(c, dict)}
+        taken = {c.get("case"): c.get("input", "") for c in read_case_records(output_dir / "summary.json")}
     cases = claim_case_names(output_dir, paths, taken, logger)  # also against runs writing here now
     results = []
     try:
