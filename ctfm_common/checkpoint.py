@@ -31,6 +31,8 @@ from typing import Any
 
 from monai.handlers import CheckpointSaver
 
+from .download import sha256_of
+
 logger = logging.getLogger(__name__)
 
 _ITERATION_OR_EPOCH = re.compile(r"(?:iteration|epoch)=(\d+)\.pt$")
@@ -325,16 +327,6 @@ def settings_file(ckpt: str | os.PathLike) -> Path:
     return Path(os.fspath(ckpt) + SETTINGS_SUFFIX)
 
 
-def _sha256(path: str | os.PathLike) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2**22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _plain(value: Any) -> Any:
     """A setting as JSON holds it (tuples, tensors and NumPy values as lists and numbers)."""
     if hasattr(value, "tolist"):
@@ -361,7 +353,7 @@ def write_training_settings(ckpt: str | os.PathLike, settings: Mapping[str, Any]
     """
     from .runtime import atomic_write_text
 
-    content = {"checkpoint": os.path.basename(os.fspath(ckpt)), "sha256": _sha256(ckpt),
+    content = {"checkpoint": os.path.basename(os.fspath(ckpt)), "sha256": sha256_of(ckpt),
                "settings": _plain(dict(settings))}
     return atomic_write_text(settings_file(ckpt), json.dumps(content, indent=2) + "\n")
 
@@ -394,7 +386,7 @@ def check_training_settings(ckpt: str | os.PathLike | None, settings: Mapping[st
     try:
         content = json.loads(settings_file(ckpt).read_text())
         trained = content["settings"]
-        if content.get("sha256") != _sha256(ckpt):
+        if content.get("sha256") != sha256_of(ckpt):
             logger.info(f"{settings_file(ckpt)} describes other weights than {ckpt}: settings not compared")
             return []
     except (OSError, ValueError, KeyError, TypeError) as e:

@@ -385,17 +385,13 @@ def weights_digest(source: str | os.PathLike, *, cache_dir: str | None = None) -
     """
     if not os.fspath(source):
         return ""
-    import hashlib
+    from .download import sha256_of
 
     path = weights_file(source, cache_dir=cache_dir)
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _DIGESTS:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(2**22), b""):
-                digest.update(block)
-        _DIGESTS[key] = digest.hexdigest()
+        _DIGESTS[key] = sha256_of(path)
     return _DIGESTS[key]
 
 
