@@ -153,8 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bundle-dir", "--bundle_dir", dest="bundle_dir", default=str(DEFAULT_BUNDLE),
                         help="the ctfm_wholebody_seg bundle folder to run (default: this checkout's)")
     parser.add_argument("--num-cases", "--num_cases", dest="num_cases", type=int, default=8)
-    parser.add_argument("--shape", default="160,128,80", help="voxels of each synthetic CT (x,y,z)")
-    parser.add_argument("--spacing", default="2.0,2.0,3.0", help="mm per voxel of each synthetic CT")
+    parser.add_argument("--shape", default="256,224,96", help="voxels of each synthetic CT (x,y,z)")
+    parser.add_argument("--spacing", default="1.5,1.5,3.0", help="mm per voxel of each synthetic CT")
     parser.add_argument("--init-filters", "--init_filters", dest="init_filters", type=int, default=8)
     parser.add_argument("--num-classes", "--num_classes", dest="num_classes", type=int, default=118)
     parser.add_argument("--preset", default="fast", choices=("full", "fast"))

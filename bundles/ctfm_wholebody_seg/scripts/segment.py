@@ -574,6 +574,7 @@ def segment_cases(
             if save_preview:
                 png = folder / f"{case}_preview.png"
                 outputs["preview_png"] = str(write_preview(image_hu, labels, affine, png, case, names, colours))
+            stages["csv_preview_s"] = _lap(start, device, stages)
         if save_dicom_seg and os.path.isdir(source):
             from .dicom_seg import write_dicom_seg
 
