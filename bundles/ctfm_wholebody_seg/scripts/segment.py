@@ -11,9 +11,11 @@
 """Per-case inference loop and its outputs (label map, structure CSV, PNG preview).
 
 MONAI provides the pieces (``preprocessing``, ``inferer``, ``postprocessing`` in
-configs/inference.json); this module runs them case by case so that one unreadable scan
-does not stop a batch, and writes every output atomically (temporary file, then
-``os.replace``).
+configs/inference.json); this module runs them case by case through the shared per-case runner
+(``ctfm_common.cases.run_cases``: the next scan is read while the network works, one unreadable
+scan does not stop a batch) and writes every output atomically (temporary file, then
+``os.replace``). Each scan's voxels are read once: the structure table and the preview use the
+array as loaded.
 """
 
 from __future__ import annotations
@@ -457,7 +459,8 @@ def segment_cases(
     """Segment every item, writing ``<output_dir>/<case>/<case>_seg.nii.gz`` (+ optional outputs).
 
     A case that fails (unreadable file, wrong dimensions...) is logged with the file and the
-    error, recorded in ``<output_dir>/summary.json``, and the batch goes on.
+    error, recorded in ``<output_dir>/summary.json``, and the batch goes on. The next case is read
+    and preprocessed in the background meanwhile (``ctfm_common.cases.run_cases``).
 
     Args:
         items: data dicts ``{key: path, ...}`` (``scripts.inputs.resolve_input``).
@@ -532,17 +535,17 @@ def segment_cases(
     def segment(index: int, data: dict) -> dict:
         source, case = data[SOURCE_KEY], cases[index]
         start = time.perf_counter()
-        stages = {}
+        laps = {}  # seconds of this case's stages in the main loop
         with torch.inference_mode():
             original = data.pop(ORIGINAL_KEY, None)  # the scan as read, in HU (kept by the loader's single read)
             inputs = data[key].unsqueeze(0).to(device)
             if stitch is not None:  # the sliding window stitches in its input's dtype
                 inputs = inputs.to(stitch)
-            stages["read_preprocess_s"] = round(data.get(LOAD_SECONDS_KEY, 0.0) + _lap(start, device), 3)
+            laps["to_device_s"] = _lap(start, device)
             logits = stitch_in_input_dtype(inferer, inputs, model)
             data[pred_key] = logits[0]  # argmax next: no float32 copy of every channel
             del inputs, logits
-            stages["infer_s"] = _lap(start, device, stages)
+            laps["infer_s"] = _lap(start, device, laps)
             detail = {f"infer_{k}": v for k, v in getattr(inferer, "timings", {}).items()}  # part of infer_s
             data = postprocessing(data)
         pred = data[pred_key]
@@ -550,7 +553,7 @@ def segment_cases(
         if subset:  # outputs and statistics hold the chosen structures only
             labels[~np.isin(labels, subset)] = 0
         affine = np.asarray(pred.affine.detach().cpu(), dtype=np.float64)
-        stages["postprocess_invert_s"] = _lap(start, device, stages)
+        laps["postprocess_invert_s"] = _lap(start, device, laps)
         folder = output_dir / case
         outputs = {"label_map": str(write_label_map(labels, affine, folder / f"{case}_seg.nii.gz"))}
         chosen = {i: n for i, n in names.items() if i > 0 and (not subset or i in subset)}
@@ -561,7 +564,7 @@ def segment_cases(
         if save_masks:
             outputs["masks"] = str(folder / "masks")
             write_structure_masks(labels, affine, names, sorted(chosen), folder / "masks")
-        stages["write_s"] = _lap(start, device, stages)
+        laps["write_s"] = _lap(start, device, laps)
         if save_csv or save_preview:
             image_hu = _read_hu(source) if original is None else np.asarray(original, dtype=np.float32)
             del original
@@ -574,13 +577,15 @@ def segment_cases(
             if save_preview:
                 png = folder / f"{case}_preview.png"
                 outputs["preview_png"] = str(write_preview(image_hu, labels, affine, png, case, names, colours))
-            stages["csv_preview_s"] = _lap(start, device, stages)
+            laps["csv_preview_s"] = _lap(start, device, laps)
         if save_dicom_seg and os.path.isdir(source):
             from .dicom_seg import write_dicom_seg
 
             outputs["dicom_seg"] = str(
                 write_dicom_seg(labels, affine, source, folder / f"{case}_seg.dcm", names, version=version)
             )
+        # read and preprocessed by the loader (in the background while the previous case ran), then to the device
+        stages = {"read_preprocess_s": round(data.get(LOAD_SECONDS_KEY, 0.0) + laps.pop("to_device_s"), 3), **laps}
         record = {"input": source, "case": case, "status": "ok", "outputs": outputs,
                   "seconds": round(data.get(WAIT_SECONDS_KEY, 0.0) + time.perf_counter() - start, 2),
                   "structures": int((np.unique(labels) > 0).sum()), "stages": {**stages, **detail}}
