@@ -12,14 +12,12 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from pathlib import Path
 
 import numpy as np
 
-from .ctfm_common.runtime import atomic_write, atomic_write_text
+from .ctfm_common.runtime import atomic_write, atomic_write_csv
 from .embedding import read_embedding_file, read_index_table
 from .evaluation import read_labels
 
@@ -96,11 +94,9 @@ def cluster_map(
     classes = [label_of.get(r["case"], "") for r in rows]
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["case", "label", "x", "y"])
-    writer.writerows([r["case"], c, float(x), float(y)] for r, c, (x, y) in zip(rows, classes, coords))
-    atomic_write_text(out / f"{method}.csv", buffer.getvalue())
+    atomic_write_csv(out / f"{method}.csv", [{"case": r["case"], "label": c, "x": float(x), "y": float(y)}
+                                             for r, c, (x, y) in zip(rows, classes, coords)],
+                     ("case", "label", "x", "y"), lineterminator="\n")
 
     import matplotlib
 

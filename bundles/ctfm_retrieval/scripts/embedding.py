@@ -29,7 +29,6 @@ import csv
 import json
 import logging
 import os
-import traceback
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -40,10 +39,10 @@ from monai.data.utils import dense_patch_slices
 from monai.inferers import Inferer
 from torch import nn
 
+from .ctfm_common.cases import run_cases
 from .ctfm_common.encoder import weights_digest
 from .ctfm_common.inputs import IMAGE_SUFFIXES, case_names, claim_case_names
-from .ctfm_common.runtime import as_bool, atomic_write, atomic_write_text, shard_items, write_error_list
-from .ctfm_common.validate import describe_failure
+from .ctfm_common.runtime import as_bool, atomic_write, atomic_write_csv, shard_items
 
 logger = logging.getLogger("ctfm_retrieval.embed")
 
@@ -280,29 +279,6 @@ def unique_case_names(items: Sequence[Mapping], key: str = "image", taken: Mappi
     return case_names([str(item[key]) for item in items], taken, logger)
 
 
-class _SafeDataset(torch.utils.data.Dataset):
-    """Applies the preprocessing to each item; an unreadable item becomes an error record."""
-
-    def __init__(self, items: Sequence[dict], transform: Callable, key: str) -> None:
-        self.items, self.transform, self.key = list(items), transform, key
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict:
-        item = self.items[i]
-        try:
-            return {"index": i, "image": self.transform(dict(item))[self.key]}
-        except Exception as e:  # any reader/transform failure: report it, go on with the others
-            source = str(item[self.key])
-            problem = describe_failure(source, e)[len(source) + 2 :]  # the scan is named by the caller
-            return {"index": i, "error": problem, "trace": traceback.format_exc()}
-
-
-def _first(batch: list) -> dict:
-    return batch[0]
-
-
 def _read_index(path: Path) -> list[dict]:
     if not path.is_file():
         return []
@@ -311,13 +287,7 @@ def _read_index(path: Path) -> list[dict]:
 
 
 def _write_index(path: Path, rows: Sequence[Mapping]) -> None:
-    import io
-
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=INDEX_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(sorted(rows, key=lambda r: r["case"]))
-    atomic_write_text(path, buffer.getvalue())
+    atomic_write_csv(path, sorted(rows, key=lambda r: r["case"]), INDEX_COLUMNS, lineterminator="\n")
 
 
 def merge_index_parts(embeddings_dir: Path, num_shards: int) -> bool:
@@ -377,8 +347,6 @@ def embed_dataset(
     Raises:
         RuntimeError: every scan of the shard failed (so the command exits non-zero), naming each.
     """
-    from tqdm import tqdm
-
     num_shards, shard_index, save_patches = int(num_shards), int(shard_index), as_bool(save_patches)
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"shard_index must be in [0, {num_shards}), got {shard_index}")
@@ -405,52 +373,41 @@ def embed_dataset(
     if result["skipped"]:
         logger.info(f"shard {shard_index}/{num_shards}: {len(result['skipped'])} case(s) already embedded, skipped")
 
-    dataset = _SafeDataset([items[i] for i in todo], preprocessing, key)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=int(num_workers), collate_fn=_first)
-    errors = []
-    for record in tqdm(loader, total=len(dataset), desc=f"embed shard {shard_index}/{num_shards}", unit="scan"):
-        i = todo[record["index"]]
-        name, source = names[i], str(items[i][key])
-        try:
-            if "error" in record:
-                raise RuntimeError(record["error"])
-            out = embedder(record["image"], with_patches=save_patches)
-            metadata = dict(
-                settings,
-                case=name,
-                source=source,
-                dim=str(out["embedding"].numel()),
-                num_patches=str(len(out.get("patch_embeddings", ()))),
-            )
-            file = out_dir / f"{name}.safetensors"
-            write_embedding_file(file, out, metadata)
-        except Exception as e:
-            message = str(e) if "error" in record else f"{type(e).__name__}: {e}"
-            logger.error(f"{source}: cannot embed this scan ({message}); going on with the others")
-            errors.append({"case": name, "source": source, "error": message})
-            result["failed"].append(name)
-            continue
-        rows.append(_index_row(name, items[i], key, file))
-        result["done"].append(name)
+    todo_items = [items[i] for i in todo]
+
+    def embed(n: int, data: Mapping) -> dict:
+        i = todo[n]
+        out = embedder(data[key], with_patches=save_patches)
+        metadata = dict(settings, case=names[i], source=str(items[i][key]), dim=str(out["embedding"].numel()),
+                        num_patches=str(len(out.get("patch_embeddings", ()))))
+        file = out_dir / f"{names[i]}.safetensors"
+        write_embedding_file(file, out, metadata)
+        row = _index_row(names[i], items[i], key, file)
+        result["done"].append(names[i])
+        return row
+
+    def failed(n: int, _: Mapping, message: str) -> dict:
+        name, source = names[todo[n]], str(items[todo[n]][key])
+        problem = message[len(source) + 2 :] if message.startswith(f"{source}: ") else message  # the scan is named here
+        logger.error(f"{source}: cannot embed this scan ({problem}); going on with the others")
+        result["failed"].append(name)
+        return {"case": name, "source": source, "error": problem}
+
+    def write_index(records: list[dict]) -> None:
+        _write_index(out_dir / f"index.shard{shard_index}of{num_shards}.csv",
+                     rows + [r for r in records if "error" not in r])
+        merged = merge_index_parts(out_dir, num_shards)
+        state = f"merged into {out_dir / 'index.csv'}" if merged else "part written (waiting for other shards)"
+        logger.info(
+            f"shard {shard_index}/{num_shards}: {len(result['done'])} embedded, {len(result['skipped'])} skipped, "
+            f"{len(result['failed'])} failed; index {state}"
+        )
 
     suffix = "" if num_shards == 1 else f".shard{shard_index}of{num_shards}"
-    error_file = out_dir / f"errors{suffix}.csv"
-    if write_error_list(error_file, errors, ("case", "source", "error"), "\n"):
-        logger.error(f"{len(errors)} scan(s) failed, listed in {error_file}")
-    _write_index(out_dir / f"index.shard{shard_index}of{num_shards}.csv", rows)
-    merged = merge_index_parts(out_dir, num_shards)
-    state = f"merged into {out_dir / 'index.csv'}" if merged else "part written (waiting for other shards)"
-    logger.info(
-        f"shard {shard_index}/{num_shards}: {len(result['done'])} embedded, {len(result['skipped'])} skipped, "
-        f"{len(result['failed'])} failed; index {state}"
-    )
-    for error in errors:
-        logger.error(f"failed: {error['source']}: {error['error']}")
-    if errors and not result["done"] and not result["skipped"]:
-        raise RuntimeError(
-            f"every scan of shard {shard_index}/{num_shards} failed ({len(errors)}): "
-            + "; ".join(f"{e['source']}: {e['error']}" for e in errors)
-        )
+    run_cases(items=todo_items, load=preprocessing, process=embed, failed=failed, summary=write_index,
+              error_list=out_dir / f"errors{suffix}.csv", lineterminator="\n", ok_before=len(result["skipped"]),
+              all_failed=f"every scan of shard {shard_index}/{num_shards} failed ({{count}})", key=key,
+              desc=f"embed shard {shard_index}/{num_shards}", unit="scan", num_workers=num_workers, log=logger)
     return result
 
 

@@ -14,7 +14,6 @@ separate query set (e.g. the test split against an index of the training split).
 from __future__ import annotations
 
 import csv
-import io
 import json
 import logging
 from collections import Counter
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .ctfm_common.inputs import DATALIST_SECTIONS, case_source
-from .ctfm_common.runtime import atomic_write_text
+from .ctfm_common.runtime import atomic_write_csv, atomic_write_text
 from .embedding import class_label, read_embedding_file
 from .metrics import average_precision, average_precision_at_k, hit_rate_at_k, precision_at_k, retrieval_metrics
 from .vector_index import load_embeddings, load_index, normalize, settings_diff
@@ -146,11 +145,7 @@ def evaluate_retrieval(
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "retrieval_metrics.json", json.dumps(summary, indent=2) + "\n")
     if per_query:
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(per_query[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(per_query)
-        atomic_write_text(out / "retrieval_per_query.csv", buffer.getvalue())
+        atomic_write_csv(out / "retrieval_per_query.csv", per_query, list(per_query[0]), lineterminator="\n")
     logger.info("retrieval: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if isinstance(v, float)))
     logger.info(f"-> {out / 'retrieval_metrics.json'}, {out / 'retrieval_per_query.csv'}")
     return summary

@@ -12,9 +12,7 @@
 
 from __future__ import annotations
 
-import csv
 import glob
-import io
 import json
 import logging
 import os
@@ -25,7 +23,7 @@ import numpy as np
 
 from .batch import run_each
 from .ctfm_common.inputs import resolve_input
-from .ctfm_common.runtime import atomic_write_text
+from .ctfm_common.runtime import atomic_write_csv, atomic_write_text
 from .embedding import ScanEmbedder, read_embedding_file, unique_case_names
 from .vector_index import load_index, search, settings_diff
 
@@ -139,11 +137,7 @@ def query_index(
     ]
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=RESULT_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(results)
-    atomic_write_text(out / f"{output_name}.csv", buffer.getvalue())
+    atomic_write_csv(out / f"{output_name}.csv", results, RESULT_COLUMNS, lineterminator="\n")
     grouped = [
         {
             "query": name,

@@ -19,7 +19,6 @@ Fleiss) over the pairs.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .batch import run_each
-from .ctfm_common.runtime import atomic_write_text
+from .ctfm_common.runtime import atomic_write_csv, atomic_write_text
 from .embedding import ScanEmbedder, unique_case_names
 
 logger = logging.getLogger("ctfm_retrieval.robustness")
@@ -132,14 +131,11 @@ def analyse_test_retest(
     ranks = partner_ranks(test, retest)
     icc = icc_2_1(np.stack([test, retest], axis=1))
     out.mkdir(parents=True, exist_ok=True)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["case", "test", "retest", "cosine", "partner_rank"])
-    writer.writerows(
-        [n, a, b if pairs else f"{a} (perturbed)", float(c), int(r)]
+    columns = ("case", "test", "retest", "cosine", "partner_rank")
+    atomic_write_csv(out / "robustness_pairs.csv", [
+        dict(zip(columns, (n, a, b if pairs else f"{a} (perturbed)", float(c), int(r))))
         for n, (a, b), c, r in zip(names, couples, cosine, ranks)
-    )
-    atomic_write_text(out / "robustness_pairs.csv", buffer.getvalue())
+    ], columns, lineterminator="\n")
     atomic_write_text(out / "robustness_icc.csv", "dimension,icc\n" + "".join(f"{d},{v}\n" for d, v in enumerate(icc)))
     valid = icc[np.isfinite(icc)]
     summary = {

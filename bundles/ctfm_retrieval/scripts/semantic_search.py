@@ -20,8 +20,6 @@ that fall inside a target label mask (the reference's "matches inside the heart"
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import time
@@ -35,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ctfm_common.inputs import case_name, claim_case_names
-from .ctfm_common.runtime import as_bool, atomic_write, atomic_write_text
+from .ctfm_common.runtime import as_bool, atomic_write, atomic_write_csv, atomic_write_text
 from .embedding import voxel_to_world
 
 logger = logging.getLogger("ctfm_retrieval.semantic_search")
@@ -338,11 +336,7 @@ def semantic_search(
         }
         for r, (s, w, v) in enumerate(zip(scores.tolist(), matches_world, voxels))
     ]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out_dir / f"{name}_matches.csv", buffer.getvalue())
+    atomic_write_csv(out_dir / f"{name}_matches.csv", rows, list(rows[0]), lineterminator="\n")
     # through the query point when the target is the query image, else through the best match (marked)
     shown_world = point if same else matches_world[0]
     shown = nib.affines.apply_affine(np.linalg.inv(affine), np.asarray(shown_world, dtype=np.float64))

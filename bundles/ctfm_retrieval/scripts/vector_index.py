@@ -22,7 +22,6 @@ searched) or ``IndexHNSWFlat`` (graph). Persisted as::
 from __future__ import annotations
 
 import csv
-import io
 import json
 import logging
 import math
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .ctfm_common.runtime import atomic_write, atomic_write_text
+from .ctfm_common.runtime import atomic_write, atomic_write_csv, atomic_write_text
 from .embedding import read_embedding_file, read_index_table
 
 logger = logging.getLogger("ctfm_retrieval.index")
@@ -193,11 +192,7 @@ def load_embeddings(
 
 
 def _write_ids(path: Path, rows: Sequence[Mapping]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=ID_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buffer.getvalue())
+    atomic_write_csv(path, rows, ID_COLUMNS, lineterminator="\n")
 
 
 def save_index(index, rows: Sequence[Mapping], meta: Mapping, index_dir: str | os.PathLike) -> Path:

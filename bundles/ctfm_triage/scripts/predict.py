@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -24,51 +24,21 @@ from torch import nn
 
 from . import metrics
 from .ctfm_common.failed_cases import check_evaluated, named_failures, write_failures
+from .ctfm_common.cases import SOURCE_KEY, run_cases
 from .ctfm_common.inputs import case_name
-from .ctfm_common.runtime import UsageError
-from .ctfm_common.validate import describe_failure
+from .ctfm_common.runtime import UsageError, atomic_write_csv
 from .handlers import PredictionCollector
 from .ctfm_common.encoder import unwrap
-from .report import metrics_rows, plot_roc, write_csv, write_json, write_predictions
+from .report import metrics_rows, plot_roc, write_json, write_predictions
 
 logger = logging.getLogger(__name__)
-
-SOURCE_KEY = "source"  # not "image_path": MONAI's Spacingd treats "image_*" entries as meta dicts
-
-
-class ReportErrors:
-    """Wrap a preprocessing transform so a scan that fails to load or transform becomes an error
-    record instead of stopping the batch.
-
-    Args:
-        transform: the preprocessing (e.g. a MONAI ``Compose``).
-        key: the image key whose original path names the scan.
-    """
-
-    def __init__(self, transform: Callable, key: str = "image") -> None:
-        self.transform, self.key = transform, key
-
-    def __call__(self, data: Mapping) -> dict:
-        source = str(data[self.key])
-        try:
-            result = dict(self.transform(dict(data)))
-        except Exception as e:  # any reader/transform failure is reported per scan
-            return {**{k: v for k, v in data.items() if k != self.key}, SOURCE_KEY: source,
-                    "error": describe_failure(source, e)}
-        result[SOURCE_KEY] = source
-        return result
-
-
-def first_item(batch: Sequence[Any]) -> Any:
-    """Collate function for ``batch_size=1`` loaders that keep each item's own structure."""
-    return batch[0]
 
 
 def prepare_item(batchdata: Mapping, device: torch.device | str | None = None, non_blocking: bool = False,
                  **kwargs: Any) -> tuple[torch.Tensor, None]:
     """``prepare_batch`` of MONAI's ``SupervisedEvaluator`` over this bundle's loader (one item at a time,
-    :func:`first_item`): the image with a batch axis, no label; a scan that failed to load raises its
-    one-line error (from :class:`ReportErrors`)."""
+    ``ctfm_common.cases.first_item``): the image with a batch axis, no label; a scan that failed to load raises its
+    one-line error (from ``ctfm_common.cases.LoadCase``)."""
     if batchdata.get("error"):
         raise ValueError(batchdata["error"])
     return torch.as_tensor(batchdata["image"])[None].to(device=device, non_blocking=non_blocking), None
@@ -99,8 +69,8 @@ def predict(
 
     Args:
         network: the trained :class:`scripts.model.TriageClassifier` (checkpoint loaded).
-        dataloader: yields one preprocessed item at a time (``batch_size=1``, :func:`first_item`),
-            items wrapped by :class:`ReportErrors`.
+        dataloader: yields one preprocessed item at a time (``batch_size=1``, ``ctfm_common.cases.first_item``),
+            items wrapped by ``ctfm_common.cases.LoadCase``.
         label_names: a name per output.
         output_dir: where ``predictions.csv`` and ``predictions.json`` go.
         device: compute device.
@@ -121,43 +91,39 @@ def predict(
     module.eval()
     thresholds = module.threshold.detach().float().cpu().tolist()
     threshold_by_name = dict(zip(label_names, thresholds))
-    cases = []
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else nullcontext()
-    try:
-        from tqdm import tqdm
-    except ImportError:  # progress bars are optional
-        def tqdm(x, **_):  # noqa: ANN001, ANN202
-            return x
-    for item in tqdm(dataloader, desc="triage", unit="scan"):
+
+    def record_of(item: Mapping) -> dict[str, Any]:
         source = item[SOURCE_KEY]
-        record: dict[str, Any] = {"case": case_name(source), "image": source, "labels": _labels_of(item, label_names)}
-        if item.get("error"):
-            logger.error(f"skipped: {item['error']}")
-            cases.append({**record, "error": item["error"]})
-            continue
-        try:
-            with torch.no_grad(), autocast:
-                logits = network(torch.as_tensor(item["image"])[None].to(device))
-            probabilities = torch.sigmoid(logits.float())[0].cpu().tolist()
-        except Exception as e:  # e.g. out of memory on one odd scan: report it and go on
-            message = describe_failure(source, e)
-            logger.error(f"skipped: {message}")
-            cases.append({**record, "error": message})
-            continue
-        cases.append({**record,
-                      "probabilities": dict(zip(label_names, probabilities)),
-                      "decisions": {n: int(p >= t) for n, p, t in zip(label_names, probabilities, thresholds)},
-                      "thresholds": threshold_by_name, "error": None})
-    failed = [c["error"] for c in cases if c["error"]]
-    if cases and len(failed) == len(cases):  # nothing to report: keep any earlier predictions as they are
-        raise RuntimeError(f"all {len(failed)} scan(s) failed, nothing written to {output_dir}: " + "; ".join(failed))
-    paths = write_predictions(cases, label_names=label_names, output_dir=output_dir,
-                              extra={"checkpoint": str(ckpt), "thresholds": threshold_by_name,
-                                     "decision_rule": "probability >= threshold (thresholds stored in the checkpoint)"},
-                              merge=True)
-    logger.info(f"triage of {len(cases)} scan(s), {len(failed)} failed: {paths['csv']}, {paths['json']}")
-    for error in failed:
-        logger.error(f"failed: {error}")
+        return {"case": case_name(source), "image": source, "labels": _labels_of(item, label_names)}
+
+    def classify(_: int, item: Mapping) -> dict[str, Any]:
+        with torch.no_grad(), autocast:
+            logits = network(torch.as_tensor(item["image"])[None].to(device))
+        probabilities = torch.sigmoid(logits.float())[0].cpu().tolist()
+        return {**record_of(item), "probabilities": dict(zip(label_names, probabilities)),
+                "decisions": {n: int(p >= t) for n, p, t in zip(label_names, probabilities, thresholds)},
+                "thresholds": threshold_by_name, "error": None}
+
+    def skipped(_: int, item: Mapping, message: str) -> dict[str, Any]:  # unreadable, or e.g. out of memory
+        logger.error(f"skipped: {message}")
+        return {**record_of(item), "error": message}
+
+    paths: dict[str, str] = {}
+
+    def write(cases: list[dict]) -> None:
+        paths.update(write_predictions(
+            cases, label_names=label_names, output_dir=output_dir,
+            extra={"checkpoint": str(ckpt), "thresholds": threshold_by_name,
+                   "decision_rule": "probability >= threshold (thresholds stored in the checkpoint)"},
+            merge=True))
+        failed = sum(bool(c["error"]) for c in cases)
+        logger.info(f"triage of {len(cases)} scan(s), {failed} failed: {paths['csv']}, {paths['json']}")
+
+    # every scan failed: nothing to report, earlier predictions are kept as they are
+    run_cases(loader=dataloader, process=classify, failed=skipped, summary=write, summary_when_all_failed=False,
+              all_failed=f"all {{count}} scan(s) failed, nothing written to {output_dir}", desc="triage", unit="scan",
+              log=logger)
     return paths
 
 
@@ -206,7 +172,7 @@ def evaluate(
               "num_failed": len(failed), "failed": failed}
     paths = {
         "metrics_json": str(write_json(os.path.join(output_dir, "metrics.json"), report)),
-        "metrics_csv": str(write_csv(os.path.join(output_dir, "metrics.csv"), metrics_rows(report),
+        "metrics_csv": str(atomic_write_csv(os.path.join(output_dir, "metrics.csv"), metrics_rows(report),
                                      ["label", "metric", "value", "ci_low", "ci_high", "threshold", "num_cases",
                                       "num_positive"])),
         "roc_png": str(plot_roc(report, os.path.join(output_dir, "roc_curve.png"), title="triage ROC")),

@@ -14,7 +14,6 @@ Computing is elsewhere (:mod:`scripts.metrics`); this module only writes."""
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import logging
@@ -27,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from .ctfm_common.inputs import case_names, case_source
-from .ctfm_common.runtime import atomic_write, atomic_write_text, merge_case_records
+from .ctfm_common.runtime import atomic_write, atomic_write_csv, atomic_write_text, merge_case_records
 
 logger = logging.getLogger(__name__)
 
@@ -49,16 +48,6 @@ def _jsonable(value: Any) -> Any:
 def write_json(path: str | os.PathLike, content: Any) -> Path:
     """Write ``content`` as indented JSON (NaN/inf become ``null``), atomically."""
     return atomic_write_text(path, json.dumps(_jsonable(content), indent=2) + "\n")
-
-
-def write_csv(path: str | os.PathLike, rows: Sequence[dict], columns: Sequence[str]) -> Path:
-    """Write dict rows as CSV with the given columns, atomically."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
-    return atomic_write_text(path, buffer.getvalue())
 
 
 def prediction_columns(label_names: Sequence[str]) -> list[str]:
@@ -114,7 +103,7 @@ def write_predictions(cases: Sequence[dict], *, label_names: Sequence[str], outp
     paths: dict[str, str] = {}
 
     def write(merged: list[dict]) -> None:
-        paths["csv"] = str(write_csv(out / f"{basename}.csv", prediction_rows(merged, label_names),
+        paths["csv"] = str(atomic_write_csv(out / f"{basename}.csv", prediction_rows(merged, label_names),
                                      prediction_columns(label_names)))
         failed = [c for c in merged if c.get("error")]
         paths["json"] = str(write_json(json_file, {

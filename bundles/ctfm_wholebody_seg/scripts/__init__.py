@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 
 from . import ctfm_common  # noqa: F401
-from .ctfm_common import checkpoint, encoder, inputs, runtime, validate  # noqa: F401
+from .ctfm_common import cases, checkpoint, encoder, inputs, runtime, validate  # noqa: F401
 
 runtime.install_error_hook()  # a refused input or setting ends in one line, not a traceback
 

@@ -99,7 +99,7 @@ def _read_series(folder: str | os.PathLike) -> list:
     for path in sorted(Path(folder).iterdir()):
         if path.is_file():
             try:
-                ds = pydicom.dcmread(str(path))
+                ds = pydicom.dcmread(str(path), defer_size="64 KB")  # the pixels were read by the load already
             except Exception:  # not a DICOM file (DICOMDIR helpers, notes): ignored
                 continue
             if "ImagePositionPatient" in ds and "PixelData" in ds:

@@ -39,8 +39,9 @@ from monai.metrics import compute_dice, compute_surface_dice
 
 from .ctfm_common.failed_cases import ERROR_FIELDS, check_evaluated, named_failures, write_failures
 from .ctfm_common.inputs import case_name, case_names, case_source
+from .ctfm_common.runtime import atomic_write_csv
 from .labels import read_label_names
-from .segment import write_bytes_atomic, write_csv
+from .segment import write_bytes_atomic
 
 logger = logging.getLogger("ctfm_wholebody_seg")
 
@@ -154,8 +155,8 @@ def write_report(
 
     output_dir = Path(output_dir)
     summary = summarise(rows)
-    write_csv(rows, output_dir / "metrics_per_case.csv", CASE_FIELDS)
-    write_csv(summary["classes"], output_dir / "metrics_per_class.csv", ("index", "name", "cases", "dice", "nsd"))
+    atomic_write_csv(output_dir / "metrics_per_case.csv", rows, CASE_FIELDS)
+    atomic_write_csv(output_dir / "metrics_per_class.csv", summary["classes"], ("index", "name", "cases", "dice", "nsd"))
     failed = [{k: str(f.get(k, "")) for k in ERROR_FIELDS} for f in failures]
     report = json.dumps({**summary, "num_failed": len(failed), "failed": failed, "per_case": list(rows)}, indent=2)
     report += "\n"

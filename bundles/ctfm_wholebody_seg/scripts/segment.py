@@ -11,21 +11,21 @@
 """Per-case inference loop and its outputs (label map, structure CSV, PNG preview).
 
 MONAI provides the pieces (``preprocessing``, ``inferer``, ``postprocessing`` in
-configs/inference.json); this module runs them case by case so that one unreadable scan
-does not stop a batch, and writes every output atomically (temporary file, then
-``os.replace``).
+configs/inference.json); this module runs them case by case through the shared per-case runner
+(``ctfm_common.cases.run_cases``: the next scan is read while the network works, one unreadable
+scan does not stop a batch) and writes every output atomically (temporary file, then
+``os.replace``). Each scan's voxels are read once: the structure table and the preview use the
+array as loaded.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
 import json
 import logging
 import os
 import time
-import traceback
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -33,11 +33,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from .ctfm_common.cases import LOAD_SECONDS_KEY, SOURCE_KEY, WAIT_SECONDS_KEY, run_cases
 from .ctfm_common.inputs import claim_case_names
-from .ctfm_common.runtime import (as_bool, atomic_write, atomic_write_text, cpu_has_native_bf16, file_lock,
-                                   merge_case_records, read_case_records)
+from .ctfm_common.runtime import (as_bool, atomic_write, atomic_write_csv, atomic_write_text, cpu_has_native_bf16,
+                                   file_lock, merge_case_records, read_case_records)
 from .ctfm_common.display import ras_voxel_sizes  # noqa: F401  (the preview's voxel sizes, re-exported)
-from .ctfm_common.validate import describe_failure
 from .labels import display_colours, read_label_names
 
 logger = logging.getLogger("ctfm_wholebody_seg")
@@ -108,15 +108,6 @@ def structure_table(
         for i in range(1, len(counts))
         if counts[i] > 0
     ]
-
-
-def write_csv(rows: Sequence[Mapping], path: str | os.PathLike, fields: Sequence[str]) -> Path:
-    """Write rows as CSV, atomically."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(fields), extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    return write_bytes_atomic(buffer.getvalue().encode(), Path(path))
 
 
 def write_colour_table(names: Mapping[int, str], colours: Mapping[int, Sequence[int]], path: str | os.PathLike) -> Path:
@@ -357,6 +348,51 @@ def _read_hu(path: str, reader: Callable | None = None) -> np.ndarray:
     return np.asarray(image)
 
 
+#: The scan as read (HU, stored voxel order), kept by the loader for the structure table and the preview.
+ORIGINAL_KEY = "original_hu"  # not "image_*": MONAI's Spacingd treats those entries as meta dicts
+
+
+class _KeepOriginal:
+    """Keep the image just read under :data:`ORIGINAL_KEY` (the same tensor, no copy: the transforms after
+    it make new tensors), so the table and the preview need no second read of the file."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        image = d[self.key]
+        d[ORIGINAL_KEY] = image.as_tensor() if hasattr(image, "as_tensor") else image
+        return d
+
+
+def _in_inference_mode(transform: Callable) -> Callable:
+    def run(data: Mapping) -> Mapping:
+        with torch.inference_mode():
+            return transform(data)
+
+    return run
+
+
+def _keeping_original(preprocessing: Callable, key: str) -> Callable | None:
+    """``preprocessing`` that also keeps the scan as read (:class:`_KeepOriginal` right after its ``LoadImaged``),
+    run in inference mode; ``None`` when it is no ``Compose`` with a ``LoadImaged`` of ``key`` (the scan is then
+    read again for the table and preview). The same transform objects run, so ``Invertd`` of ``preprocessing``
+    inverts the result as before."""
+    from monai.transforms import Compose, LoadImaged
+
+    if not isinstance(preprocessing, Compose):
+        return None
+    transforms = list(preprocessing.transforms)
+    at = next((i for i, t in enumerate(transforms) if isinstance(t, LoadImaged) and key in t.keys), None)
+    if at is None:
+        return None
+    keeping = Compose(transforms[: at + 1] + [_KeepOriginal(key)] + transforms[at + 1 :],
+                      map_items=preprocessing.map_items, unpack_items=preprocessing.unpack_items,
+                      log_stats=preprocessing.log_stats, lazy=preprocessing.lazy, overrides=preprocessing.overrides)
+    return _in_inference_mode(keeping)
+
+
 def default_stitch_device(device: str | torch.device, min_gpu_gib: float = 24.0) -> torch.device:
     """Where the sliding window accumulates its ``num_classes``-channel output.
 
@@ -423,7 +459,8 @@ def segment_cases(
     """Segment every item, writing ``<output_dir>/<case>/<case>_seg.nii.gz`` (+ optional outputs).
 
     A case that fails (unreadable file, wrong dimensions...) is logged with the file and the
-    error, recorded in ``<output_dir>/summary.json``, and the batch goes on.
+    error, recorded in ``<output_dir>/summary.json``, and the batch goes on. The next case is read
+    and preprocessed in the background meanwhile (``ctfm_common.cases.run_cases``).
 
     Args:
         items: data dicts ``{key: path, ...}`` (``scripts.inputs.resolve_input``).
@@ -492,84 +529,84 @@ def segment_cases(
     with file_lock(output_dir / "summary.json"):  # names of earlier runs' cases are taken
         taken = {c.get("case"): c.get("input", "") for c in read_case_records(output_dir / "summary.json")}
     cases = claim_case_names(output_dir, paths, taken, logger)  # also against runs writing here now
-    results = []
-    try:
-        from tqdm import tqdm
+    keep_hu = (save_csv or save_preview) and _keeping_original(preprocessing, key)
+    load = keep_hu or _in_inference_mode(preprocessing)
 
-        progress = tqdm(list(zip(items, cases)), desc="segmenting", unit="case")
-    except ImportError:  # tqdm is optional
-        progress = list(zip(items, cases))
-    for item, case in progress:
-        source = str(item[key])
+    def segment(index: int, data: dict) -> dict:
+        source, case = data[SOURCE_KEY], cases[index]
         start = time.perf_counter()
-        record: dict = {"input": source, "case": case}
-        try:
-            stages = {}
-            with torch.inference_mode():
-                data = preprocessing(dict(item))
-                inputs = data[key].unsqueeze(0).to(device)
-                if stitch is not None:  # the sliding window stitches in its input's dtype
-                    inputs = inputs.to(stitch)
-                stages["read_preprocess_s"] = _lap(start, device)
-                logits = stitch_in_input_dtype(inferer, inputs, model)
-                data[pred_key] = logits[0]  # argmax next: no float32 copy of every channel
-                del inputs, logits
-                stages["infer_s"] = _lap(start, device, stages)
-                detail = {f"infer_{k}": v for k, v in getattr(inferer, "timings", {}).items()}  # part of infer_s
-                data = postprocessing(data)
-            pred = data[pred_key]
-            labels = np.asarray(pred.detach().cpu())[0].round().astype(np.int32)
-            if subset:  # outputs and statistics hold the chosen structures only
-                labels[~np.isin(labels, subset)] = 0
-            affine = np.asarray(pred.affine.detach().cpu(), dtype=np.float64)
-            stages["postprocess_invert_s"] = _lap(start, device, stages)
-            folder = output_dir / case
-            outputs = {"label_map": str(write_label_map(labels, affine, folder / f"{case}_seg.nii.gz"))}
-            chosen = {i: n for i, n in names.items() if i > 0 and (not subset or i in subset)}
-            outputs["colour_table"] = str(write_colour_table(
-                chosen, {i: colours[i] for i in chosen if i in colours}, folder / f"{case}_seg.ctbl"))
-            if save_seg_nrrd:
-                outputs["seg_nrrd"] = str(write_seg_nrrd(labels, affine, names, colours, folder / f"{case}.seg.nrrd"))
-            if save_masks:
-                outputs["masks"] = str(folder / "masks")
-                write_structure_masks(labels, affine, names, sorted(chosen), folder / "masks")
-            stages["write_s"] = _lap(start, device, stages)
-            if save_csv or save_preview:
-                image_hu = _read_hu(source)
-                if image_hu.shape != labels.shape:
-                    raise RuntimeError(f"inverted prediction {labels.shape} is not on the input grid {image_hu.shape}")
-                if save_csv:
-                    rows = structure_table(labels, image_hu, affine, names)
-                    fields = ("index", "name", "voxels", "volume_ml", "mean_hu")
-                    outputs["structures_csv"] = str(write_csv(rows, folder / f"{case}_structures.csv", fields))
-                if save_preview:
-                    png = folder / f"{case}_preview.png"
-                    outputs["preview_png"] = str(write_preview(image_hu, labels, affine, png, case, names, colours))
-            if save_dicom_seg and os.path.isdir(source):
-                from .dicom_seg import write_dicom_seg
+        laps = {}  # seconds of this case's stages in the main loop
+        with torch.inference_mode():
+            original = data.pop(ORIGINAL_KEY, None)  # the scan as read, in HU (kept by the loader's single read)
+            inputs = data[key].unsqueeze(0).to(device)
+            if stitch is not None:  # the sliding window stitches in its input's dtype
+                inputs = inputs.to(stitch)
+            laps["to_device_s"] = _lap(start, device)
+            logits = stitch_in_input_dtype(inferer, inputs, model)
+            data[pred_key] = logits[0]  # argmax next: no float32 copy of every channel
+            del inputs, logits
+            laps["infer_s"] = _lap(start, device, laps)
+            detail = {f"infer_{k}": v for k, v in getattr(inferer, "timings", {}).items()}  # part of infer_s
+            data = postprocessing(data)
+        pred = data[pred_key]
+        labels = np.asarray(pred.detach().cpu())[0].round().astype(np.int32)
+        if subset:  # outputs and statistics hold the chosen structures only
+            labels[~np.isin(labels, subset)] = 0
+        affine = np.asarray(pred.affine.detach().cpu(), dtype=np.float64)
+        laps["postprocess_invert_s"] = _lap(start, device, laps)
+        folder = output_dir / case
+        outputs = {"label_map": str(write_label_map(labels, affine, folder / f"{case}_seg.nii.gz"))}
+        chosen = {i: n for i, n in names.items() if i > 0 and (not subset or i in subset)}
+        outputs["colour_table"] = str(write_colour_table(
+            chosen, {i: colours[i] for i in chosen if i in colours}, folder / f"{case}_seg.ctbl"))
+        if save_seg_nrrd:
+            outputs["seg_nrrd"] = str(write_seg_nrrd(labels, affine, names, colours, folder / f"{case}.seg.nrrd"))
+        if save_masks:
+            outputs["masks"] = str(folder / "masks")
+            write_structure_masks(labels, affine, names, sorted(chosen), folder / "masks")
+        laps["write_s"] = _lap(start, device, laps)
+        if save_csv or save_preview:
+            image_hu = _read_hu(source) if original is None else np.asarray(original, dtype=np.float32)
+            del original
+            if image_hu.shape != labels.shape:
+                raise RuntimeError(f"inverted prediction {labels.shape} is not on the input grid {image_hu.shape}")
+            if save_csv:
+                rows = structure_table(labels, image_hu, affine, names)
+                fields = ("index", "name", "voxels", "volume_ml", "mean_hu")
+                outputs["structures_csv"] = str(atomic_write_csv(folder / f"{case}_structures.csv", rows, fields))
+            if save_preview:
+                png = folder / f"{case}_preview.png"
+                outputs["preview_png"] = str(write_preview(image_hu, labels, affine, png, case, names, colours))
+            laps["csv_preview_s"] = _lap(start, device, laps)
+        if save_dicom_seg and os.path.isdir(source):
+            from .dicom_seg import write_dicom_seg
 
-                outputs["dicom_seg"] = str(
-                    write_dicom_seg(labels, affine, source, folder / f"{case}_seg.dcm", names, version=version)
-                )
-            record.update(status="ok", outputs=outputs, seconds=round(time.perf_counter() - start, 2),
-                          structures=int((np.unique(labels) > 0).sum()), stages={**stages, **detail})
-            if getattr(inferer, "last_crop", None):  # scripts.sliding.RoiSubsetCropInferer: the region it segmented
-                record["roi_subset_crop"] = dict(inferer.last_crop)
-            logger.info(
-                f"{case}: wrote {outputs['label_map']} ({record['structures']} structures, {record['seconds']} s)"
+            outputs["dicom_seg"] = str(
+                write_dicom_seg(labels, affine, source, folder / f"{case}_seg.dcm", names, version=version)
             )
-        except Exception as e:  # one bad scan must not stop the batch: report it and go on
-            record.update(status="failed", error=describe_failure(source, e))
-            logger.error(f"{case}: FAILED: {record['error']}")
-            logger.debug(traceback.format_exc())
-        results.append(record)
-    failed = [r for r in results if r["status"] != "ok"]
-    summary = {"num_ok": len(results) - len(failed), "num_failed": len(failed), "cases": results}
-    merged = merge_summary(output_dir / "summary.json", results)
-    logger.info(f"segmented {summary['num_ok']} of {len(results)} cases; summary: {output_dir / 'summary.json'} "
-                f"({len(merged['cases'])} cases with earlier runs')")
-    for record in failed:
-        logger.error(f"failed: {record['error']}")
-    if results and not summary["num_ok"]:
-        raise RuntimeError(f"every case failed ({len(failed)}): " + "; ".join(r["error"] for r in failed))
+        # read and preprocessed by the loader (in the background while the previous case ran), then to the device
+        stages = {"read_preprocess_s": round(data.get(LOAD_SECONDS_KEY, 0.0) + laps.pop("to_device_s"), 3), **laps}
+        record = {"input": source, "case": case, "status": "ok", "outputs": outputs,
+                  "seconds": round(data.get(WAIT_SECONDS_KEY, 0.0) + time.perf_counter() - start, 2),
+                  "structures": int((np.unique(labels) > 0).sum()), "stages": {**stages, **detail}}
+        if getattr(inferer, "last_crop", None):  # scripts.sliding.RoiSubsetCropInferer: the region it segmented
+            record["roi_subset_crop"] = dict(inferer.last_crop)
+        logger.info(f"{case}: wrote {outputs['label_map']} ({record['structures']} structures, {record['seconds']} s)")
+        return record
+
+    def failed(index: int, data: Mapping, message: str) -> dict:
+        logger.error(f"{cases[index]}: FAILED: {message}")
+        return {"input": data[SOURCE_KEY], "case": cases[index], "status": "failed", "error": message}
+
+    summary: dict = {}
+
+    def write_summary(results: list[dict]) -> None:
+        ok = sum(r["status"] == "ok" for r in results)
+        summary.update(num_ok=ok, num_failed=len(results) - ok, cases=results)
+        merged = merge_summary(output_dir / "summary.json", results)
+        logger.info(f"segmented {ok} of {len(results)} cases; summary: {output_dir / 'summary.json'} "
+                    f"({len(merged['cases'])} cases with earlier runs')")
+
+    run_cases(items=items, load=load, process=segment, failed=failed, summary=write_summary, key=key,
+              desc="segmenting", unit="case", log=logger)
     return summary

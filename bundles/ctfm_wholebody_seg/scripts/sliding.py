@@ -181,6 +181,8 @@ class RoiSubsetCropInferer(Inferer):
     def __init__(self, inferer: Callable, coarse_inferer: Callable, channels: Sequence[int] = (),
                  spacing: Sequence[float] = (1.5, 1.5, 1.5), coarse_spacing: Sequence[float] = (3.0, 3.0, 3.0),
                  margin_mm: float = 20.0, enabled: bool = True) -> None:
+        from .ctfm_common.runtime import UsageError, as_bool  # here: tests load this module by its path
+
         super().__init__()
         self.inferer = inferer
         self.coarse_inferer = coarse_inferer
@@ -188,7 +190,10 @@ class RoiSubsetCropInferer(Inferer):
         self.spacing = [float(s) for s in spacing]
         self.coarse_spacing = [float(s) for s in coarse_spacing]
         self.margin_mm = float(margin_mm)
-        self.enabled = str(enabled).lower() not in ("false", "0", "no", "")
+        try:
+            self.enabled = as_bool(enabled)
+        except ValueError as e:  # e.g. --roi_subset_crop maybe
+            raise UsageError(f"roi_subset_crop: {e}") from e
         self.last_crop: dict = {}
         self.coarse_s = 0.0
 

@@ -214,6 +214,35 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def atomic_write_csv(
+    path: str | os.PathLike,
+    rows: Sequence[Mapping],
+    fieldnames: Sequence[str],
+    *,
+    lineterminator: str = "\r\n",
+) -> Path:
+    """Write dict rows as CSV atomically (see :func:`atomic_write`): the old file stays whole until the new
+    one is complete.
+
+    Args:
+        path: the CSV file; its folder is created.
+        rows: one dict per row; keys outside ``fieldnames`` are ignored, missing ones and ``None`` left empty.
+        fieldnames: the columns, in order (the header).
+        lineterminator: the line ending (the ``csv`` module's ``"\\r\\n"`` by default).
+
+    Returns:
+        ``path``.
+    """
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(fieldnames), extrasaction="ignore", lineterminator=lineterminator)
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(buffer.getvalue(), newline=""))
+
+
 def write_error_list(
     path: str | os.PathLike, errors: Sequence[Mapping], fields: Sequence[str], lineterminator: str = "\r\n"
 ) -> Path | None:
@@ -229,19 +258,11 @@ def write_error_list(
     Returns:
         The CSV path, ``None`` when nothing failed.
     """
-    import csv
-    import io
-
     path = Path(path)
     if not errors:
         path.unlink(missing_ok=True)
         return None
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(fields), extrasaction="ignore", lineterminator=lineterminator)
-    writer.writeheader()
-    writer.writerows(errors)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write_text(path, buffer.getvalue())
+    return atomic_write_csv(path, errors, fields, lineterminator=lineterminator)
 
 
 @contextlib.contextmanager
