@@ -42,6 +42,20 @@ def _sliding_module():
     return module
 
 
+@pytest.fixture
+def segment():
+    """The bundle's scripts/segment.py (imported as its ``scripts`` package; the import is undone after)."""
+    import sys
+
+    saved = list(sys.path)
+    sys.path.insert(0, str(BUNDLES_DIR / BUNDLE))
+    drop = lambda: [sys.modules.pop(m) for m in list(sys.modules) if m == "scripts" or m.startswith("scripts.")]  # noqa: E731
+    drop()
+    yield importlib.import_module("scripts.segment")
+    sys.path[:] = saved
+    drop()
+
+
 def _tiny_network(num_classes: int = 6):
     """Cheap stand-in for the network: the stitching does not depend on what makes the logits."""
     torch.manual_seed(0)
@@ -75,6 +89,66 @@ def test_slab_argmax_equals_monai_sliding_window_then_argmax(shape, overlap, sw_
     assert logits.shape == (1, 6, *shape)  # argmax false: MONAI's logits unchanged
     assert set(inferer.timings) == {"network_s", "stitch_s"}
 
+
+
+def _segresnet(num_classes: int = 24, init_filters: int = 8):
+    from monai.networks.nets import SegResNetDS
+
+    torch.manual_seed(0)
+    return SegResNetDS(spatial_dims=3, in_channels=1, out_channels=num_classes, init_filters=init_filters,
+                       blocks_down=[1, 2, 2, 4, 4], dsdepth=4).eval()
+
+
+def _phantom_tensor(shape, spacing=3.0):
+    ct, _, _ = phantom.make_body_phantom(shape=shape, spacing=spacing, seed=3)
+    return torch.as_tensor(np.clip((ct.astype(np.float32) + 1024) / 2048, 0, 1))[None, None]
+
+
+def test_feature_stitching_gives_monai_label_map_and_leaves_the_network_whole():
+    """SegResNetDS's head is linear: stitching its features and running the head on their weighted mean
+    is MONAI's mean of the windows' logits, so the label map is MONAI's (float32 throughout)."""
+    from monai.inferers import SlidingWindowInferer
+
+    sliding = _sliding_module()
+    network = _segresnet()
+    image = _phantom_tensor(shape=(48, 40, 56))
+    settings = {"roi_size": (32, 32, 32), "sw_batch_size": 2, "overlap": 0.25, "mode": "gaussian"}
+    head = network.up_layers[-1]["head"]
+    with torch.inference_mode():
+        expected = SlidingWindowInferer(**settings)(image, network).argmax(1, keepdim=True)
+        features = sliding.SlabArgmaxInferer(**settings)(image, network)
+        logits = sliding.SlabArgmaxInferer(**settings, stitch_features=False)(image, network)
+        after = network(image[..., :32, :32, :32])
+    assert sliding.split_head(network) is not None and sliding.split_head(_tiny_network()) is None
+    assert len(torch.unique(expected)) > 3  # random weights: many labels, many near-ties
+    assert float((features.long() == expected).float().mean()) > 0.9999
+    assert torch.equal(logits.long(), expected)
+    # the heads are back: same module, full logits again
+    assert network.up_layers[-1]["head"] is head and after.shape[1] == 24
+
+
+def test_bf16_with_float32_stem_and_head_keeps_float32_label_map(segment):
+    """Under bf16 autocast, rounding the [0, 1] input, the head's weights and the logits to bf16 flips the
+    argmax of near-tied logits (random weights); the float32 stem and the float32 head on stitched
+    features keep float32's label map."""
+    from monai.inferers import SlidingWindowInferer
+
+    sliding = _sliding_module()
+    network = _segresnet(num_classes=118, init_filters=8)
+    image = _phantom_tensor(shape=(48, 40, 56))
+    settings = {"roi_size": (32, 32, 32), "sw_batch_size": 1, "overlap": 0.25, "mode": "gaussian"}
+    with torch.inference_mode():
+        expected = SlidingWindowInferer(**settings)(image, network).argmax(1, keepdim=True)
+        network.to(memory_format=torch.channels_last_3d)
+        agree = {}
+        for name, stem, features in (("all bf16", False, False), ("float32 stem and head", True, True)):
+            model = segment.CastOutput(network, None, 1, True, lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+                                       float32_stem=stem)
+            labels = sliding.SlabArgmaxInferer(**settings, stitch_features=features)(image, model)
+            agree[name] = float((labels.long() == expected).float().mean())
+    assert agree["float32 stem and head"] >= 0.995, agree
+    assert agree["float32 stem and head"] > agree["all bf16"] + 0.01, agree
+    assert isinstance(network.encoder.conv_init, torch.nn.Conv3d)  # the stem is the network's own again
 
 def test_inference_config_cpu_label_map_matches_the_torch_path_on_a_phantom(tmp_path):
     from monai.networks.nets import SegResNetDS

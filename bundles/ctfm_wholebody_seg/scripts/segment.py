@@ -304,11 +304,13 @@ class CastOutput(nn.Module):
             output is then ``[background, kept..., max of the others]``: its argmax, mapped back with
             :func:`subset_label_values`, equals the full argmax restricted to the subset, while the
             sliding window stitches ``len(keep_channels) + 2`` channels instead of all of them.
+        float32_stem: under ``autocast``, run the network's first convolution in float32
+            (:func:`scripts.sliding.float32_stem`).
     """
 
     def __init__(self, network: nn.Module, dtype: torch.dtype | None, batch_size: int = 0, channels_last: bool = False,
                  autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
-                 keep_channels: Sequence[int] | None = None) -> None:
+                 keep_channels: Sequence[int] | None = None, float32_stem: bool = True) -> None:
         super().__init__()
         self.network = network
         self.dtype = dtype
@@ -316,29 +318,60 @@ class CastOutput(nn.Module):
         self.channels_last = channels_last
         self.autocast = autocast or contextlib.nullcontext
         self.keep_channels = sorted({int(c) for c in keep_channels or []} - {0})
+        self.float32_stem = as_bool(float32_stem)
 
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, keep: bool = True) -> torch.Tensor:
         x = x.float()
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        with self.autocast():  # around the network only: the float16 stitching stays outside
+        from .sliding import float32_stem
+
+        stem = float32_stem(self.network) if self.float32_stem else contextlib.nullcontext()
+        with self.autocast(), stem:  # around the network only: the float16 stitching stays outside
             out = self.network(x)
         if isinstance(out, (list, tuple)):  # deep supervision: the full-resolution output
             out = out[0]
-        if self.keep_channels:
-            others = [c for c in range(1, out.shape[1]) if c not in self.keep_channels]
-            parts = [out[:, [0] + self.keep_channels]]
-            if others:
-                parts.append(out[:, others].amax(dim=1, keepdim=True))
-            out = torch.cat(parts, dim=1)
+        if keep and self.keep_channels:
+            out = self._keep(out, 1)
         return out if self.dtype is None else out.to(self.dtype).contiguous()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Float32 in, ``dtype`` out."""
+    def _keep(self, out: torch.Tensor, dim: int) -> torch.Tensor:
+        """``out``'s channels (along ``dim``) reduced to ``keep_channels``: background, kept, max of the others."""
+        others = [c for c in range(1, out.shape[dim]) if c not in self.keep_channels]
+        parts = [out.index_select(dim, torch.tensor([0, *self.keep_channels], device=out.device))]
+        if others:
+            parts.append(out.index_select(dim, torch.tensor(others, device=out.device)).amax(dim=dim, keepdim=True))
+        return torch.cat(parts, dim=dim)
+
+    def split_head(self) -> tuple[Callable, Callable] | None:
+        """``(features, head)`` for :class:`scripts.sliding.SlabArgmaxInferer`'s feature stitching:
+        ``features`` runs the network without its final 1 x 1 x 1 head (float32 patches in, in this
+        wrapper's memory format and autocast, ``batch_size`` at a time); ``head`` is that head in float32
+        on channels-last features, followed by the ``keep_channels`` reduction. ``None`` when the network
+        has no such head."""
+        from .sliding import final_head, heads_removed, linear_head
+
+        head = final_head(self.network)
+        if head is None:
+            return None
+        linear = linear_head(head)
+
+        def features(x: torch.Tensor) -> torch.Tensor:
+            with heads_removed(self.network):
+                return self.forward(x, keep=False)
+
+        def logits(f: torch.Tensor) -> torch.Tensor:
+            out = linear(f)
+            return self._keep(out, out.ndim - 1) if self.keep_channels else out
+
+        return features, logits
+
+    def forward(self, x: torch.Tensor, keep: bool = True) -> torch.Tensor:
+        """Float32 in, ``dtype`` out (``keep`` false: all channels, whatever ``keep_channels``)."""
         if not 0 < self.batch_size < x.shape[0]:
-            return self._run(x)
+            return self._run(x, keep)
         step = self.batch_size
-        return torch.cat([self._run(x[i : i + step]) for i in range(0, x.shape[0], step)])
+        return torch.cat([self._run(x[i : i + step], keep) for i in range(0, x.shape[0], step)])
 
 
 def _read_hu(path: str, reader: Callable | None = None) -> np.ndarray:
@@ -453,6 +486,7 @@ def segment_cases(
     stitch_dtype: str | torch.dtype | None = None,
     network_batch_size: int | None = None,
     channels_last: bool = False,
+    float32_stem: bool = True,
     key: str = "image",
     pred_key: str = "pred",
 ) -> dict:
@@ -491,6 +525,8 @@ def segment_cases(
             window at a time is as fast as two). ``None``: all of them.
         channels_last: run the network in ``torch.channels_last_3d`` memory format (about 1.3x
             faster float32 3D convolutions on a CPU with oneDNN).
+        float32_stem: under bf16 autocast, run the network's first convolution in float32 (its [0, 1]
+            input keeps its precision; :func:`scripts.sliding.float32_stem`).
         key: image key of the items.
         pred_key: key of the network output.
 
@@ -523,7 +559,7 @@ def segment_cases(
         if network_batch_size:  # windows go through the network that many at a time anyway: no joined copy of their logits
             inferer.sw_batch_size = min(int(inferer.sw_batch_size), int(network_batch_size))
     model = CastOutput(network, None if slab_argmax else stitch or torch.float32, int(network_batch_size or 0),
-                       channels_last, autocast, keep_channels=subset)
+                       channels_last, autocast, keep_channels=subset, float32_stem=float32_stem)
     logger.info(f"network precision: {'bfloat16 autocast' if bf16 else 'float32'} on {device}")
     paths = [str(item[key]) for item in items]
     with file_lock(output_dir / "summary.json"):  # names of earlier runs' cases are taken

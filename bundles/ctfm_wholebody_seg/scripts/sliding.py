@@ -23,18 +23,29 @@ their first-axis start), the argmax of its sums is final: dividing by the summed
 MONAI does, does not change the argmax (one positive number per voxel), nor does a softmax.
 With ``argmax`` false it is MONAI's ``SlidingWindowInferer`` unchanged.
 
+With ``stitch_features`` (the default) and a network whose logits come from a 1 x 1 x 1
+convolution (``SegResNetDS``'s final head), the slab holds the weighted sums of the network's
+full-resolution *features* (32 channels at ``init_filters`` 32) instead of its logits (118), and
+the head runs once per voxel, in float32, on their Gaussian-weighted mean when a slice is final.
+The head is linear, so the mean of the windows' logits, which MONAI stitches, is the head of the
+mean of their features: the same label map, with a quarter of the slab's memory and stitching,
+and without the bf16 rounding of the head's weights and of the logits, which decides the argmax
+of near-tied logits (:func:`split_head`).
+
 :class:`RoiSubsetCropInferer` runs it on the region of a ``roi_subset`` only, found by a coarse pass.
 """
 
 from __future__ import annotations
 
 import logging
+import contextlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from monai.data import MetaTensor
 from monai.data.utils import compute_importance_map, dense_patch_slices, get_valid_patch_size
 from monai.inferers import Inferer, SlidingWindowInferer
@@ -42,6 +53,96 @@ from monai.inferers.utils import _get_scan_interval
 from monai.utils import convert_to_dst_type, ensure_tuple_rep, fall_back_tuple
 
 logger = logging.getLogger("ctfm_wholebody_seg")
+
+
+def final_head(network: nn.Module) -> nn.Module | None:
+    """The 1 x 1 x 1 convolution that turns a ``SegResNetDS``'s full-resolution features into its logits,
+    or ``None`` for another network."""
+    layers = getattr(network, "up_layers", None)
+    if not isinstance(layers, nn.ModuleList) or not layers or "head" not in layers[-1]:
+        return None
+    head = layers[-1]["head"]
+    if not isinstance(head, nn.Conv3d) or tuple(head.kernel_size) != (1, 1, 1) or head.groups != 1:
+        return None
+    return head
+
+
+@contextlib.contextmanager
+def replaced(replacements: Sequence[tuple[nn.Module, str, nn.Module]]) -> Iterator[None]:
+    """Inside: each ``(parent, name, module)``'s submodule ``parent.name`` is ``module`` (the parameters stay
+    where they are: a state dict taken inside or after is the network's own)."""
+    saved = [(parent, name, getattr(parent, name)) for parent, name, _ in replacements]
+    try:
+        for parent, name, module in replacements:
+            setattr(parent, name, module)
+        yield
+    finally:
+        for parent, name, module in saved:
+            setattr(parent, name, module)
+
+
+def heads_removed(network: nn.Module) -> contextlib.AbstractContextManager:
+    """Inside: the ``SegResNetDS`` returns its full-resolution features (its heads, the final one and the
+    deep-supervision ones it computes and drops in ``eval`` mode, are ``Identity``)."""
+    return replaced([(level, "head", nn.Identity()) for level in network.up_layers])
+
+
+class Float32(nn.Module):
+    """``module`` run in float32 under an autocast (its input cast to float32)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return self.module(x.float())
+
+
+def float32_stem(network: nn.Module) -> contextlib.AbstractContextManager:
+    """Inside: a ``SegResNetDS``'s first convolution (``encoder.conv_init``, 1 -> ``init_filters`` channels)
+    runs in float32 under autocast. Its input, HU scaled to [0, 1], would lose all but 8 bits in bf16
+    (steps of 12 HU over the -1024..2048 window); the convolution is a few percent of the network's work.
+    Another network: unchanged."""
+    encoder = getattr(network, "encoder", None)
+    if not isinstance(getattr(encoder, "conv_init", None), nn.Conv3d):
+        return contextlib.nullcontext()
+    return replaced([(encoder, "conv_init", Float32(encoder.conv_init))])
+
+
+def linear_head(head: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The 1 x 1 x 1 convolution ``head`` as a float32 map of channels-last features ``(..., C)`` to
+    logits ``(..., K)``."""
+    weight = head.weight.detach().float().reshape(head.out_channels, head.in_channels)
+    bias = None if head.bias is None else head.bias.detach().float()
+
+    def logits(features: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(features.device.type, enabled=False):
+            return F.linear(features.float(), weight.to(features.device), None if bias is None else bias.to(features.device))
+
+    return logits
+
+
+def split_head(network: Callable) -> tuple[Callable, Callable] | None:
+    """``(features, head)`` with ``head(features(x)) == network(x)`` (channels-last ``head`` input and
+    output), or ``None`` when the network has no linear final head.
+
+    A network may give its own split (``network.split_head()``, e.g. ``scripts.segment.CastOutput``,
+    which runs the features under its autocast and maps the head's channels to a ``roi_subset``);
+    otherwise a ``SegResNetDS`` is split at :func:`final_head`.
+    """
+    if hasattr(network, "split_head"):
+        return network.split_head()
+    head = final_head(network)
+    if head is None:
+        return None
+
+    def features(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        with heads_removed(network):
+            out = network(x, *args, **kwargs)
+        return out[0] if isinstance(out, (list, tuple)) else out
+
+    return features, linear_head(head)
 
 
 class SlabArgmaxInferer(SlidingWindowInferer):
@@ -53,6 +154,9 @@ class SlabArgmaxInferer(SlidingWindowInferer):
             and Gaussian weights are MONAI's).
         argmax: return the label map ``(B, 1, *spatial)`` (float32, the input's metadata)
             stitched slab by slab; false: MONAI's ``SlidingWindowInferer`` unchanged (logits).
+        stitch_features: with ``argmax``, stitch the features before the network's linear head and run
+            the head in float32 on their mean (:func:`split_head`); networks without one, or false:
+            stitch the logits.
         **kwargs: other ``SlidingWindowInferer`` arguments (used only with ``argmax`` false).
 
     After a call, ``timings`` holds the seconds spent in the network (``network_s``) and in
@@ -63,11 +167,12 @@ class SlabArgmaxInferer(SlidingWindowInferer):
                  mode: str = "constant", sigma_scale: float = 0.125, padding_mode: str = "constant",
                  cval: float = 0.0, sw_device: torch.device | str | None = None,
                  device: torch.device | str | None = None, progress: bool = False, argmax: bool = True,
-                 **kwargs) -> None:
+                 stitch_features: bool = True, **kwargs) -> None:
         super().__init__(roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode=mode,
                          sigma_scale=sigma_scale, padding_mode=padding_mode, cval=cval, sw_device=sw_device,
                          device=device, progress=progress, **kwargs)
         self.argmax = bool(argmax)
+        self.stitch_features = bool(stitch_features)
         self.chunk = 8  # slices per multiply-add
         self.timings: dict[str, float] = {}
 
@@ -100,7 +205,12 @@ class SlabArgmaxInferer(SlidingWindowInferer):
         weight = weight.to(sw_device).unsqueeze(-1)  # (d, h, w, 1): broadcast over channels-last logits
         depth = roi[0]
         labels = torch.zeros((1, 1, *padded), dtype=torch.float32, device=sw_device)
-        slab: torch.Tensor | None = None  # weighted logit sums of slices [low, low + depth), (d, h, w, K)
+        split = split_head(network) if self.stitch_features else None
+        head = None
+        if split is not None:
+            network, head = split
+        slab: torch.Tensor | None = None  # weighted logit (or feature) sums of slices [low, low + depth), (d, h, w, K)
+        weight_sum = torch.zeros((depth, *padded[1:], 1), dtype=torch.float32, device=sw_device) if head else None
         low = 0
 
         def finish(upto: int) -> None:  # slices below `upto` get no more windows: argmax them
@@ -108,9 +218,16 @@ class SlabArgmaxInferer(SlidingWindowInferer):
             if slab is None or upto <= low:
                 return
             n = min(upto - low, depth)
-            labels[0, 0, low : low + n] = slab[:n].argmax(-1).to(labels.dtype)
-            slab[: depth - n] = slab[n:].clone()
-            slab[depth - n :] = 0
+            if head is None:  # the weighted sum of the logits has the argmax of their mean
+                labels[0, 0, low : low + n] = slab[:n].argmax(-1).to(labels.dtype)
+            else:  # the head of the features' mean (the bias counts once), a few slices at a time
+                for z in range(0, n, self.chunk):
+                    rows = slice(z, min(n, z + self.chunk))
+                    logits = head(slab[rows] / weight_sum[rows].clamp_min(torch.finfo(torch.float32).tiny))
+                    labels[0, 0, low + rows.start : low + rows.stop] = logits.argmax(-1).to(labels.dtype)
+            for buffer in filter(lambda b: b is not None, (slab, weight_sum)):
+                buffer[: depth - n] = buffer[n:].clone()
+                buffer[depth - n :] = 0
             low += n
 
         batch = max(1, int(self.sw_batch_size))
@@ -122,7 +239,7 @@ class SlabArgmaxInferer(SlidingWindowInferer):
             if isinstance(out, (list, tuple)):  # deep supervision: the full-resolution output
                 out = out[0]
             if isinstance(out, dict):
-                raise ValueError("SlabArgmaxInferer needs a network that returns one tensor of logits")
+                raise ValueError("SlabArgmaxInferer needs a network that returns one tensor of logits (or features)")
             out = out.as_tensor() if isinstance(out, MetaTensor) else out
             if tuple(out.shape[2:]) != tuple(roi):
                 raise ValueError(f"network output {tuple(out.shape[2:])} is not the window size {tuple(roi)}")
@@ -136,6 +253,8 @@ class SlabArgmaxInferer(SlidingWindowInferer):
                 for z in range(0, depth, self.chunk):  # in chunks: the float32 cast of a bf16 chunk stays small
                     rows = (slice(s[0].start - low + z, min(s[0].stop, s[0].start + z + self.chunk) - low), *s[1:])
                     slab[rows].addcmul_(logits[z : z + self.chunk], weight[z : z + self.chunk])
+                    if weight_sum is not None:
+                        weight_sum[rows] += weight[z : z + self.chunk]
             self.timings["stitch_s"] += time.perf_counter() - start
         start = time.perf_counter()
         finish(padded[0])
