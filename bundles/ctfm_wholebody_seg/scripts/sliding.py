@@ -37,8 +37,8 @@ of near-tied logits (:func:`split_head`).
 
 from __future__ import annotations
 
-import logging
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
