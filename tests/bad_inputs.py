@@ -23,7 +23,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-import phantom
+from ctfm_bundles.tools.synthetic import phantom
 
 #: case -> fragment of the reported problem (``None``: accepted).
 EXPECTED: dict[str, str | None] = {

@@ -31,11 +31,7 @@ SHARED_DATA = SHARED_DIR / "data"
 META_SCHEMA = REPO_ROOT / "schemas" / "meta_schema.json"  # MONAI's published schema, carried (schemas/README.md)
 BUNDLE_NAMES = sorted(p.parents[1].name for p in BUNDLES_DIR.glob("*/configs/metadata.json"))
 
-for _path in (REPO_ROOT, REPO_ROOT / "tools"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
-
-from demo import bundle_command  # noqa: E402  (one definition of how a bundle is run)
+from ctfm_bundles.tools.demo import bundle_command  # noqa: E402  (one definition of how a bundle is run)
 
 
 def run_bundle(

@@ -24,7 +24,7 @@ import pytest
 from conftest import BUNDLE_NAMES, BUNDLES_DIR, REPO_ROOT
 from monai.bundle import ConfigParser
 
-import demo
+from ctfm_bundles.tools import demo
 
 #: The main job's aim: mean Dice on held-out phantoms over the structures larger than 1% of the body
 #: (an untrained network scores ~0; the demo measured 0.78 on 4 held-out phantoms: lungs 0.86-0.88,
@@ -45,7 +45,7 @@ def test_demo_runs_every_bundle_with_overrides_its_configs_define(tmp_path):
 
 
 def test_demo_rejects_a_missing_ct_before_training(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "demo.py"), "--ct", str(tmp_path / "no_ct.nii.gz"),
+    proc = subprocess.run([sys.executable, "-m", "ctfm_bundles.tools.demo", "--ct", str(tmp_path / "no_ct.nii.gz"),
                            "--output_dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "no_ct.nii.gz' does not exist" in proc.stderr
@@ -58,7 +58,7 @@ def demo_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("demo_run")
     out = tmp_path / "demo"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "demo.py"), "--output_dir", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "ctfm_bundles.tools.demo", "--output_dir", str(out)],
                           capture_output=True, text=True, timeout=1200, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return out, proc.stdout

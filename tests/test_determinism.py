@@ -23,7 +23,7 @@ import pytest
 import torch
 from conftest import run_bundle
 
-import phantom
+from ctfm_bundles.tools.synthetic import phantom
 from ctfm_common import encoder as enc
 
 PRETRAIN = {

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from conftest import BUNDLES_DIR, REPO_ROOT
 from matplotlib.image import imread
-from phantom import BODY_LABELS, make_body_phantom
+from ctfm_bundles.tools.synthetic.phantom import BODY_LABELS, make_body_phantom
 
 from ctfm_common import display
 

@@ -364,7 +364,7 @@ EXPECTED = {  # files (from a scratch folder) that the documented commands write
 
 def _write_phantom(path: Path, kind: str = "body", seed: int = 0, labels: Path | None = None):
     import nibabel as nib
-    import phantom
+    from ctfm_bundles.tools.synthetic import phantom
 
     shape, spacing = ((40, 40, 20), 3.0) if kind == "body" else ((32, 32, 16), (6.0, 6.0, 10.0))
     image, label_map, affine = phantom.make_phantom(kind=kind, shape=shape, spacing=spacing, seed=seed)
@@ -375,7 +375,7 @@ def _write_phantom(path: Path, kind: str = "body", seed: int = 0, labels: Path |
 
 def _stage(name: str, root: Path, base_url: str) -> None:
     """The documented placeholder inputs of scratch ``name``, as tiny phantoms."""
-    import phantom
+    from ctfm_bundles.tools.synthetic import phantom
 
     shutil.copytree(BUNDLES_DIR, root / "bundles", ignore=shutil.ignore_patterns("__pycache__", "eval", "*.pt",
                                                                                  "*.safetensors", "*.ts"))

@@ -44,11 +44,11 @@ from conftest import BUNDLE_NAMES, BUNDLES_DIR, META_SCHEMA, REPO_ROOT
 from monai.bundle import ConfigParser
 from monai.networks.nets import SegResNetDS
 
-import hub
-import package_bundles as pb
+from ctfm_bundles.tools.release import hub
+from ctfm_bundles.tools.release import package_bundles as pb
 from ctfm_common import download as dl
 from ctfm_common import encoder as enc
-from demo import cli_value
+from ctfm_bundles.tools.demo import cli_value
 
 SEG = "ctfm_wholebody_seg"
 # a tiny network at a coarse grid, few windows (overlap 0.25; channels_last only pays off at the contract's width):
@@ -432,7 +432,7 @@ def test_fetch_verifies_sha256_and_refuses_a_tampered_zip(dist, server, tmp_path
     proc, log = _run(
         [
             sys.executable,
-            str(REPO_ROOT / "tools" / "package_bundles.py"),
+            "-m", "ctfm_bundles.tools.release.package_bundles",
             "verify",
             str(tampered),
             "--sha256",
@@ -682,7 +682,7 @@ def test_an_explicit_hash_must_be_64_hex_and_a_zip_bomb_is_refused(tmp_path):
     assert pb.verify(str(path), sha256=dl.sha256_of(path).upper())["hash_checked"]
     # through the command line too: fire turns an all-digit hash into an int
     proc = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "tools" / "package_bundles.py"), "extract", str(path), "--sha256", "1" * 64,
+        [sys.executable, "-m", "ctfm_bundles.tools.release.package_bundles", "extract", str(path), "--sha256", "1" * 64,
          "--bundle_dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode != 0 and "quote an all-digit hash" in proc.stderr and not (tmp_path / "out").exists()

@@ -34,9 +34,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import BUNDLES_DIR, REPO_ROOT, run_bundle
-from demo import bundle_command
+from ctfm_bundles.tools.demo import bundle_command
 
-import phantom
+from ctfm_bundles.tools.synthetic import phantom
 from ctfm_common import encoder as enc
 from ctfm_common import runtime
 

@@ -25,7 +25,7 @@ from conftest import BUNDLE_NAMES, BUNDLES_DIR, META_SCHEMA, REPO_ROOT
 from monai.bundle import ConfigParser
 from monai.networks.nets.segresnet_ds import SegResEncoder, SegResNetDS
 
-import package_bundles as pb
+from ctfm_bundles.tools.release import package_bundles as pb
 from ctfm_common import encoder as enc
 
 EXPECTED_BUNDLES = ["ctfm_pretrain", "ctfm_retrieval", "ctfm_triage", "ctfm_wholebody_seg"]
@@ -323,7 +323,7 @@ def test_repo_id_resolves_from_the_local_hub_cache(tmp_path, monkeypatch, hub_fo
 
 
 def test_shared_code_copies_are_in_sync():
-    import sync_bundles
+    from ctfm_bundles.tools.release import sync_bundles
 
     assert sync_bundles.stale_copies() == []
     for bundle in BUNDLE_NAMES:
@@ -332,7 +332,7 @@ def test_shared_code_copies_are_in_sync():
 
 
 def test_sync_detects_and_repairs_drift(tmp_path):
-    import sync_bundles
+    from ctfm_bundles.tools.release import sync_bundles
 
     source = tmp_path / "ctfm_common"
     shutil.copytree(REPO_ROOT / "ctfm_common", source, ignore=shutil.ignore_patterns("__pycache__"))
@@ -370,13 +370,13 @@ def test_bundle_copied_alone_builds_its_network(bundle, tmp_path):
 
 def test_project_carries_what_its_checks_need_and_never_reads_shared():
     """A fresh clone has nothing beside it: the metadata schema is carried, no tool or bundle reads ../shared."""
-    import package_bundles as pb
+    from ctfm_bundles.tools.release import package_bundles as pb
 
     assert META_SCHEMA.is_file() and META_SCHEMA.is_relative_to(REPO_ROOT)
     assert pb.META_SCHEMA == META_SCHEMA
     assert "meta_schema" in (META_SCHEMA.parent / "README.md").read_text()  # source URL and licence noted
     readers = []
-    for path in [*(REPO_ROOT / "tools").glob("*.py"), *(REPO_ROOT / "tools").glob("*.sh"), *BUNDLES_DIR.rglob("*.py"),
+    for path in [*(REPO_ROOT / "tools").rglob("*.py"), *(REPO_ROOT / "tools").rglob("*.sh"), *BUNDLES_DIR.rglob("*.py"),
                  *BUNDLES_DIR.rglob("*.json"), *(REPO_ROOT / "ctfm_common").glob("*.py")]:
         text = path.read_text()
         if "../shared" in text or '/ "shared"' in text:
@@ -437,7 +437,7 @@ def test_override_files_override_ids_and_never_retype_a_run_list(bundle):
     run is the single-device run line for line (seg: the resume keeps the longer schedule)."""
     from monai.bundle import ConfigParser
 
-    import package_bundles as pb
+    from ctfm_bundles.tools.release import package_bundles as pb
 
     bundle_dir = BUNDLES_DIR / bundle
     for names in pb.config_sets(bundle_dir):

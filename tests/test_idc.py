@@ -36,7 +36,7 @@ import pytest
 
 from conftest import REPO_ROOT
 
-import idc  # tools/ is on sys.path (conftest)
+from ctfm_bundles.tools.data import idc
 
 BUCKET = "idc-open-data"
 
@@ -244,7 +244,7 @@ def test_download_resumes_verifies_and_records_failures_then_build_converts(shar
 
     # 1. the second series is not in the bucket: recorded as failed (after a retry), the first is fine;
     #    the CLI exits 1 so a scheduler can retry
-    cmd = [sys.executable, str(REPO_ROOT / "tools" / "idc.py"), "download", "--manifest", str(manifest),
+    cmd = [sys.executable, "-m", "ctfm_bundles.tools.data.idc", "download", "--manifest", str(manifest),
            "--output_dir", str(dicom_dir), "--endpoint_url", s3_server, "--retries", "1", "--retry_delay_s", "0.1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stdout + proc.stderr

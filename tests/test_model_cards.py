@@ -25,7 +25,7 @@ SECTIONS = ("Intended use", "Training data", "Evaluation", "Limitations", "Licen
 
 @pytest.mark.parametrize("bundle", BUNDLE_NAMES)
 def test_bundle_docs_carry_a_complete_model_card(bundle):
-    import hub
+    from ctfm_bundles.tools.release import hub
 
     card = hub.bundle_model_card(BUNDLES_DIR / bundle)
     found = re.findall(r"^### (.+)$", card, re.M)
@@ -41,7 +41,7 @@ def test_bundle_docs_carry_a_complete_model_card(bundle):
 
 
 def test_hub_readme_carries_the_bundle_model_card():
-    import hub
+    from ctfm_bundles.tools.release import hub
 
     meta = json.loads((BUNDLES_DIR / "ctfm_wholebody_seg" / "configs" / "metadata.json").read_text())
     readme = hub.model_card(meta, "ctfm_wholebody_seg", "SegResNetDS", {"init_filters": 32},

@@ -24,11 +24,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT / "tools") not in sys.path:  # conftest.py may have put it there already
-    sys.path.insert(0, str(REPO_ROOT / "tools"))
+from conftest import REPO_ROOT
 
-import phantom
+from ctfm_bundles.tools.synthetic import phantom
 
 TOTALSEG_LABELS_JSON = REPO_ROOT.parent / "shared" / "data" / "totalseg_v2_labels.json"
 BONES = ("vertebrae", "rib_left", "rib_right")
@@ -265,7 +263,7 @@ def test_make_dataset_head_has_lesion_flags_and_masks(tmp_path):
 def test_cli_writes_a_body_phantom(tmp_path):
     output = tmp_path / "cli" / "ct.nii.gz"
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "tools" / "phantom.py"), "body", "--output", str(output),
+        [str(Path(sys.executable).with_name("ctfm-phantom")), "body", "--output", str(output),
          "--shape", "32,32,24", "--spacing", "2,2,4", "--seed", "3"],
         capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr

@@ -27,13 +27,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import BUNDLES_DIR, REPO_ROOT, run_bundle
-from demo import bundle_command
+from ctfm_bundles.tools.demo import bundle_command
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 from monai.losses import ContrastiveLoss
 from monai.networks.nets.segresnet_ds import SegResNetDS
 
-import phantom
+from ctfm_bundles.tools.synthetic import phantom
 from ctfm_common import encoder as enc
 
 BUNDLE = "ctfm_pretrain"

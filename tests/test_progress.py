@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from conftest import BUNDLES_DIR
 from monai.bundle import ConfigParser
-from phantom import make_body_phantom
+from ctfm_bundles.tools.synthetic.phantom import make_body_phantom
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ import torch
 from conftest import BUNDLES_DIR
 from monai.bundle import ConfigParser
 
-import package_bundles as pb
+from ctfm_bundles.tools.release import package_bundles as pb
 
 HU_MIN, HU_MAX = -1024, 2048
 

@@ -375,7 +375,8 @@ def test_triage_csv_with_bad_rows_exits_nonzero_naming_lines_and_keeps_the_old_d
     proc = subprocess.run(
         [
             sys.executable,
-            str(REPO_ROOT / "tools" / "triage_csv_to_datalist.py"),
+            "-m",
+            "ctfm_bundles.tools.data.triage_csv_to_datalist",
             "--csv",
             str(tmp_path / "labels.csv"),
             "--output",
@@ -648,7 +649,7 @@ def test_bad_settings_end_in_one_line_naming_the_file_in_every_runner(corpus, tr
     results = []
     for bundle, cases in settings_cases(corpus, tmp_path).items():
         (tmp_path / f"{bundle}.json").write_text(json.dumps(cases))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT / "tools"), str(REPO_ROOT / "tests")]))
+        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT / "tests"))
         proc = subprocess.run(
             [sys.executable, str(REPO_ROOT / "tests" / "bad_inputs.py"), str(BUNDLES_DIR / bundle),
              str(tmp_path / f"{bundle}.json"), str(tmp_path / f"{bundle}_results.json")],

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import phantom
+from ctfm_bundles.tools.synthetic import phantom
 import pytest
 import torch
 from conftest import BUNDLES_DIR, SHARED_DATA, run_bundle
@@ -929,12 +929,8 @@ def test_real_robustness_of_a_scan_and_its_perturbed_copy(shared_data, local, tm
 
 
 def test_bench_retrieval_tool_measures_the_bundles_index_against_brute_force(tmp_path):
-    """tools/bench_retrieval.py at a toy size (no timing asserted): the bundle's IVF index, exact ground truth."""
-    sys.path.insert(0, str(BUNDLES_DIR.parent / "tools"))
-    try:
-        bench = importlib.import_module("bench_retrieval")
-    finally:
-        sys.path.pop(0)
+    """ctfm-bench-retrieval at a toy size (no timing asserted): the bundle's IVF index, exact ground truth."""
+    from ctfm_bundles.tools.bench import retrieval as bench
     result = bench.benchmark_retrieval(
         sizes=[12000],
         dim=32,

@@ -20,8 +20,8 @@ import math
 import numpy as np
 import pytest
 
-import bench_transfer
-import phantom
+from ctfm_bundles.tools.bench import transfer as bench_transfer
+from ctfm_bundles.tools.synthetic import phantom
 
 
 def test_retrieval_metrics_match_hand_computed_values():

@@ -31,7 +31,7 @@ import pytest
 import torch
 from conftest import BUNDLES_DIR, SHARED_DATA, run_bundle, tensorboard_scalars
 
-import phantom
+from ctfm_bundles.tools.synthetic import phantom
 
 BUNDLE = "ctfm_triage"
 TRAIN_EVAL = ["train.json", "evaluate.json"]
@@ -264,7 +264,7 @@ def test_linear_probe_keeps_the_encoder_fixed_then_unfreezes(triage_scripts):
 
 
 def test_csv_with_missing_file_or_bad_label_is_rejected_by_row(tmp_path, triage_scripts):
-    from triage_csv_to_datalist import triage_csv_to_datalist
+    from ctfm_bundles.tools.data.triage_csv_to_datalist import triage_csv_to_datalist
 
     for name in ("a", "b", "c", "d"):
         (tmp_path / f"{name}.nii.gz").write_bytes(b"x")
@@ -308,7 +308,7 @@ def test_inference_runs_into_one_folder_keep_every_case_including_same_named_sca
     predictions.csv/.json hold all three scans under three names, each with its own probability."""
     import subprocess
 
-    from demo import bundle_command
+    from ctfm_bundles.tools.demo import bundle_command
 
     root, common = trained["root"], trained["common"]
     scans = sorted((root / "data" / "testing").glob("*.nii.gz"))[:3]

@@ -234,11 +234,8 @@ def liver_everywhere_weights(path: Path) -> Path:
 def cli_run(tmp_path_factory):
     """``python -m ctfm_bundles.wholebody CT OUT --roi_subset liver,spleen --masks`` on a body phantom with
     tiny weights whose output heads favour the liver (then the stomach): the console command end to end."""
-    sys.path.insert(0, str(REPO_ROOT / "tools"))
-    try:
-        import phantom
-    finally:
-        sys.path.remove(str(REPO_ROOT / "tools"))
+    from ctfm_bundles.tools.synthetic import phantom
+
     root = tmp_path_factory.mktemp("cli")
     image, labels, affine = phantom.make_body_phantom(shape=(40, 32, 24), spacing=(8.0, 8.0, 10.0), seed=1)
     phantom.save_phantom(image, labels, affine, image_path=root / "ct.nii.gz", label_path=root / "ct_labels.nii.gz")

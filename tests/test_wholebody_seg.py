@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 from conftest import BUNDLES_DIR, run_bundle, tensorboard_scalars
 
-import phantom
+from ctfm_bundles.tools.synthetic import phantom
 
 BUNDLE = "ctfm_wholebody_seg"
 TINY = {"init_filters": 8, "spacing": [6.0, 6.0, 6.0]}
@@ -332,7 +332,7 @@ except RuntimeError as e:
 
 
 def test_totalseg_layout_converts_to_label_maps_and_a_datalist(tmp_path):
-    import totalseg_to_datalist as conv
+    from ctfm_bundles.tools.data import totalseg_to_datalist as conv
 
     affine = np.diag([2.0, 2.0, 3.0, 1.0])
     for case, split in (("s0001", "train"), ("s0002", "val"), ("s0003", "test")):
@@ -391,7 +391,7 @@ except Exception as e:
 
 def test_resolution_ceiling_of_the_presets_on_real_labels(tmp_path, shared_data):
     # the Dice that a perfect model at each preset's spacing would reach on real labels
-    import bench_wholebody_seg
+    from ctfm_bundles.tools.bench import wholebody_seg as bench_wholebody_seg
 
     example = shared_data / "totalseg_example"
     same = bench_wholebody_seg.resolution_ceiling(labels=str(example / "ct_small_labels.nii.gz"), spacings="3.0")
@@ -443,7 +443,7 @@ print("RESULT", json.dumps(same))
 
 
 def test_totalseg_conversion_goes_on_past_a_bad_case_and_names_it(tmp_path, capsys):
-    import totalseg_to_datalist as conv
+    from ctfm_bundles.tools.data import totalseg_to_datalist as conv
 
     affine = np.diag([2.0, 2.0, 3.0, 1.0])
     for case in ("s0001", "s0002", "s0003"):

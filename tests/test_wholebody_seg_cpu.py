@@ -28,7 +28,7 @@ import pytest
 import torch
 from conftest import BUNDLES_DIR, run_bundle
 
-import phantom
+from ctfm_bundles.tools.synthetic import phantom
 
 BUNDLE = "ctfm_wholebody_seg"
 

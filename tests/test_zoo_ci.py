@@ -158,7 +158,7 @@ def test_inference_evaluator_runs_on_a_phantom(bundle, bundle_copy, tmp_path):
     ``run`` predicts in kind (a label map on the input grid, probabilities, an embedding)."""
     import nibabel as nib
     import numpy as np
-    from phantom import make_body_phantom
+    from ctfm_bundles.tools.synthetic.phantom import make_body_phantom
 
     root = bundle_copy(bundle)
     image, _, affine = make_body_phantom(shape=(24, 24, 16), spacing=(8.0, 8.0, 8.0), noise_hu=0.0)
@@ -203,7 +203,7 @@ TRAIN_PROPERTY_EXCEPTIONS = {
 def test_train_workflow_properties(bundle, bundle_copy, tmp_path):
     """``create_workflow(workflow_type="train").check_properties()`` on each train config, with a phantom
     datalist: no required property missing, and only the documented optional differences."""
-    from phantom import make_dataset
+    from ctfm_bundles.tools.synthetic.phantom import make_dataset
 
     root = bundle_copy(bundle)
     data = tmp_path / "data"

@@ -37,14 +37,12 @@ from pathlib import Path
 
 import fire
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "tools"))
-sys.path.insert(0, str(REPO_ROOT))
+from ctfm_bundles.tools import REPO_ROOT
 
-import phantom  # noqa: E402
+from ctfm_bundles.tools.synthetic import phantom
 
-from ctfm_common.inputs import case_name, resolve_input  # noqa: E402
-from ctfm_common.runtime import atomic_write_text  # noqa: E402
+from ctfm_common.inputs import case_name, resolve_input
+from ctfm_common.runtime import atomic_write_text
 
 
 def cli_value(value) -> str:
@@ -394,5 +392,10 @@ def demo(*, ct: str | None = None, output_dir: str = "outputs/demo", init_filter
     return {k: str(v) for k, v in outputs.items()}
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console command (``[project.scripts]`` of pyproject.toml)."""
     fire.Fire(demo, serialize=lambda _: None)
+
+
+if __name__ == "__main__":
+    cli()

@@ -41,9 +41,8 @@ from pathlib import Path
 import fire
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-from ctfm_common.runtime import atomic_write_text  # noqa: E402
+from ctfm_bundles.tools import REPO_ROOT
+from ctfm_common.runtime import atomic_write_text
 
 BUNDLE_ROOT = REPO_ROOT / "bundles" / "ctfm_retrieval"
 
@@ -121,8 +120,7 @@ def benchmark_embedding(
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if int(num_scans) < 1:
         raise ValueError(f"num_scans must be at least 1, got {num_scans}")
-    sys.path.insert(0, str(REPO_ROOT / "tools"))
-    import phantom
+    from ctfm_bundles.tools.synthetic import phantom
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(work_dir or tmp)
@@ -177,5 +175,10 @@ def benchmark_embedding(
     return report
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console command (``[project.scripts]`` of pyproject.toml)."""
     fire.Fire(benchmark_embedding)
+
+
+if __name__ == "__main__":
+    cli()

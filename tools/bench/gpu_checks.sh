@@ -6,11 +6,11 @@
 #   2. ctfm_wholebody_seg: seconds per 512 x 512 x 300 CT end to end, plain MONAI at the
 #      reference settings vs the bundle (same settings, then sw_batch 8 at overlap 0.25, fast);
 #   3. ctfm_retrieval: embedding patches/s, bundle (bf16) vs a plain MONAI loop (fp32);
-#   4. the main job (tools/demo.py) on CUDA: every bundle's bf16 path runs.
+#   4. the main job (ctfm-demo) on CUDA: every bundle's bf16 path runs.
 # Results go to $OUT (default outputs/gpu_checks): one JSON per benchmark, logs, all.log.
 # Record the figures with the card's name in docs/BENCHMARKS.md.
 #
-# Usage (repo root): bash tools/gpu_checks.sh [quick]
+# Usage (repo root): bash tools/bench/gpu_checks.sh [quick]
 #   quick: tiny sizes, to check the script itself on a CPU.
 # Where MONAI and friends are not installed (a bare GPU machine), put their wheels in .whl/.
 set -uo pipefail
@@ -23,6 +23,8 @@ if [ -d .whl ] && ! "$PY" -c "import monai" 2>/dev/null; then
     || exit 1
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
+# the tools are the package ctfm_bundles.tools (pyproject.toml): install this checkout editable, without dependencies
+"$PY" -c "import ctfm_bundles.tools" 2>/dev/null || "$PY" -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 exec > >(tee -a "$OUT/all.log") 2>&1
 
 work="$(mktemp -d)"
@@ -57,17 +59,17 @@ step() {  # step NAME SECONDS command...: run with a time limit, report rc and w
   'device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'); import os; print('cpus', os.cpu_count())"
 } | tee "$OUT/env.txt"
 
-step pretrain 200 "$PY" tools/bench_pretrain.py "${pre[@]}" --output "$OUT/pretrain.json"
+step pretrain 200 "$PY" -m ctfm_bundles.tools.bench.pretrain "${pre[@]}" --output "$OUT/pretrain.json"
 
-"$PY" -c "import sys; sys.path.insert(0, 'tools'); import phantom
+"$PY" -c "from ctfm_bundles.tools.synthetic import phantom
 ct, labels, affine = phantom.make_body_phantom(shape=($seg_shape), spacing=($seg_spacing), seed=0)
 phantom.save_phantom(ct, labels, affine, image_path='$work/ct.nii.gz', label_path='$work/ct_labels.nii.gz')"
-step seg_reference 110 "$PY" tools/bench_wholebody_seg.py bench --image "$work/ct.nii.gz" "${seg_net[@]}" \
+step seg_reference 110 "$PY" -m ctfm_bundles.tools.bench.wholebody_seg bench --image "$work/ct.nii.gz" "${seg_net[@]}" \
   --pipelines plain,bundle --sw_batch_size 2 --overlap 0.625 --repeats 2 --threads 8 --output "$OUT/seg_reference.json"
-step seg_sw8_overlap025 80 "$PY" tools/bench_wholebody_seg.py bench --image "$work/ct.nii.gz" "${seg_net[@]}" \
+step seg_sw8_overlap025 80 "$PY" -m ctfm_bundles.tools.bench.wholebody_seg bench --image "$work/ct.nii.gz" "${seg_net[@]}" \
   --pipelines bundle,fast --sw_batch_size 8 --overlap 0.25 --repeats 2 --threads 8 --output "$OUT/seg_sw8_overlap025.json"
 
-step embed 60 "$PY" tools/bench_embed.py "${emb[@]}" --output "$OUT/embed.json"
+step embed 60 "$PY" -m ctfm_bundles.tools.bench.embed "${emb[@]}" --output "$OUT/embed.json"
 
-step demo 110 "$PY" tools/demo.py --output_dir "$work/demo" --init_filters "$demo_filters"
+step demo 110 "$PY" -m ctfm_bundles.tools.demo --output_dir "$work/demo" --init_filters "$demo_filters"
 echo "=== done"

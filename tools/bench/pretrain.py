@@ -45,9 +45,8 @@ from pathlib import Path
 import fire
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-from ctfm_common.runtime import atomic_write_text  # noqa: E402
+from ctfm_bundles.tools import REPO_ROOT
+from ctfm_common.runtime import atomic_write_text
 BUNDLE_ROOT = REPO_ROOT / "bundles" / "ctfm_pretrain"
 
 
@@ -229,8 +228,7 @@ def benchmark_pretrain(
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(work_dir or tmp)
         if not datalist:
-            sys.path.insert(0, str(REPO_ROOT / "tools"))
-            import phantom
+            from ctfm_bundles.tools.synthetic import phantom
 
             phantom.make_dataset(output_dir=str(work / "phantoms"), num_cases=num_phantoms, kind="body",
                                  shape=tuple(phantom_shape), spacing=float(phantom_spacing))
@@ -320,5 +318,10 @@ def benchmark_pretrain(
     return result
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console command (``[project.scripts]`` of pyproject.toml)."""
     fire.Fire(benchmark_pretrain)
+
+
+if __name__ == "__main__":
+    cli()

@@ -47,9 +47,8 @@ from pathlib import Path
 import fire
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-from ctfm_common.runtime import atomic_write_text  # noqa: E402
+from ctfm_bundles.tools import REPO_ROOT
+from ctfm_common.runtime import atomic_write_text
 BUNDLE_ROOT = REPO_ROOT / "bundles" / "ctfm_retrieval"
 
 logger = logging.getLogger("bench_retrieval")
@@ -299,5 +298,10 @@ def main(**kwargs) -> None:
     print(json.dumps(benchmark_retrieval(**kwargs), indent=2))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console command (``[project.scripts]`` of pyproject.toml)."""
     fire.Fire(main)
+
+
+if __name__ == "__main__":
+    cli()

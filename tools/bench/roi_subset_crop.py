@@ -37,11 +37,9 @@ import numpy as np
 import torch
 from torch import nn
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from ctfm_bundles.tools import REPO_ROOT
 BUNDLE_ROOT = REPO_ROOT / "bundles" / "ctfm_wholebody_seg"
-sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(REPO_ROOT / "tools"))
-from ctfm_common.runtime import atomic_write_text  # noqa: E402
+from ctfm_common.runtime import atomic_write_text
 
 LIVER = 5  # TotalSegmentator index
 
@@ -99,7 +97,7 @@ def bench(
         ``{"crop": {...}, "whole": {...}, "cpu_ratio", "wall_ratio", "agreement", ...}``.
     """
     import nibabel as nib
-    import phantom
+    from ctfm_bundles.tools.synthetic import phantom
     from monai.networks.nets import SegResNetDS
 
     shape = [int(s) for s in (shape.split(",") if isinstance(shape, str) else shape)]
@@ -130,5 +128,10 @@ def bench(
     return result
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console command (``[project.scripts]`` of pyproject.toml)."""
     fire.Fire({"bench": bench})
+
+
+if __name__ == "__main__":
+    cli()

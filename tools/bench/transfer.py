@@ -55,7 +55,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -63,14 +62,12 @@ from typing import Any
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "tools"))
-sys.path.insert(0, str(REPO_ROOT))
+from ctfm_bundles.tools import REPO_ROOT
 
-import phantom  # noqa: E402
-from demo import bundle_command  # noqa: E402
+from ctfm_bundles.tools.synthetic import phantom
+from ctfm_bundles.tools.demo import bundle_command
 
-from ctfm_common.runtime import atomic_write, atomic_write_text  # noqa: E402
+from ctfm_common.runtime import atomic_write, atomic_write_text
 
 #: Sizes of a run (data only). ``cpu`` is the documented default (about 12 minutes a seed, 36 for
 #: the default 3 seeds, on 2 CPU cores); ``small`` about a third of it (for a loaded machine);
@@ -660,7 +657,12 @@ def make_report(per_seed: Sequence[Mapping[str, Any]], settings: Mapping[str, An
     }
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console command (``[project.scripts]`` of pyproject.toml)."""
     import fire
 
     fire.Fire(bench_transfer, serialize=lambda _: None)
+
+
+if __name__ == "__main__":
+    cli()

@@ -55,9 +55,8 @@ from pathlib import Path
 
 import fire
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-from ctfm_common.runtime import atomic_write_text  # noqa: E402
+from ctfm_bundles.tools import REPO_ROOT
+from ctfm_common.runtime import atomic_write_text
 BUNDLE_ROOT = REPO_ROOT / "bundles" / "ctfm_wholebody_seg"
 RESULT_TAG = "BENCH_RESULT "
 
@@ -367,8 +366,7 @@ def bench_wholebody_seg(
     """
     import torch
 
-    sys.path.insert(0, str(REPO_ROOT / "tools"))
-    import phantom
+    from ctfm_bundles.tools.synthetic import phantom
 
     work = Path(workdir or tempfile.mkdtemp(prefix="bench_wholebody_seg_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -398,7 +396,7 @@ def bench_wholebody_seg(
     for pipeline in _as_list(pipelines):
         out_dir = work / f"out_{pipeline}"
         kind = "bundle" if pipeline in variants else pipeline
-        cmd = [sys.executable, str(Path(__file__).resolve()), "pipeline", f"--pipeline={kind}",
+        cmd = [sys.executable, "-m", "ctfm_bundles.tools.bench.wholebody_seg", "pipeline", f"--pipeline={kind}",
                f"--image={image}", f"--weights={weights}", f"--output_dir={out_dir}", f"--init_filters={init_filters}",
                f"--num_classes={num_classes}", f"--spacing={','.join(str(float(spacing)) for _ in range(3))}",
                f"--roi_size={','.join(str(v) for v in _as_list(roi_size, int))}", f"--sw_batch_size={sw_batch_size}",
@@ -476,5 +474,10 @@ def _cpu_name() -> str:
 FAST_PRESET_SPACING = (3.0, 3.0, 3.0)  # keep in step with "presets" in configs/inference.json
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console command (``[project.scripts]`` of pyproject.toml)."""
     fire.Fire({"bench": bench_wholebody_seg, "pipeline": run_pipeline, "ceiling": resolution_ceiling})
+
+
+if __name__ == "__main__":
+    cli()

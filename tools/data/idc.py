@@ -64,15 +64,14 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ctfm_common.runtime import (  # noqa: E402, F401  (shared with the bundles: one rule for shards and writes)
+from ctfm_common.runtime import (  # noqa: F401  (shared with the bundles: one rule for shards and writes)
     atomic_write,
     atomic_write_text,
     default_shard,
     resolve_shard,
     shard_items,
 )
-from ctfm_common.validate import (  # noqa: E402, F401
+from ctfm_common.validate import (  # noqa: F401
     GEOMETRY_TOLERANCES,
     modality_problem,
     read_dicom_headers,
@@ -1070,7 +1069,8 @@ def _exit_status(result: Any) -> int:
     return int(bool(result.get("failed")))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console command (``[project.scripts]`` of pyproject.toml)."""
     import fire
 
     commands = {
@@ -1083,3 +1083,7 @@ if __name__ == "__main__":
     # the commands print their own summaries; fire would print the returned dict again
     outcome = fire.Fire(commands, serialize=lambda r: None if isinstance(r, dict) and r is not commands else r)
     sys.exit(_exit_status(outcome if outcome is not commands else None))
+
+
+if __name__ == "__main__":
+    cli()

@@ -46,10 +46,9 @@ from pathlib import Path
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-from ctfm_common.runtime import atomic_write, atomic_write_text, resolve_shard, shard_items  # noqa: E402
-from ctfm_common.validate import check_image_file, describe_failure  # noqa: E402
+from ctfm_bundles.tools import REPO_ROOT
+from ctfm_common.runtime import atomic_write, atomic_write_text, resolve_shard, shard_items
+from ctfm_common.validate import check_image_file, describe_failure
 DEFAULT_LABELS = REPO_ROOT / "bundles" / "ctfm_wholebody_seg" / "configs" / "metadata.json"
 SPLITS = {"train": "training", "val": "validation", "test": "testing"}
 
@@ -190,7 +189,12 @@ def totalseg_to_datalist(
     return str(path)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console command (``[project.scripts]`` of pyproject.toml)."""
     import fire
 
     fire.Fire(totalseg_to_datalist)
+
+
+if __name__ == "__main__":
+    cli()

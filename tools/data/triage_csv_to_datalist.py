@@ -37,10 +37,9 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from ctfm_bundles.tools import REPO_ROOT
 DATALIST_MODULE = REPO_ROOT / "bundles" / "ctfm_triage" / "scripts" / "datalist.py"
-sys.path.insert(0, str(REPO_ROOT))
-from ctfm_common.runtime import atomic_write_text  # noqa: E402
+from ctfm_common.runtime import atomic_write_text
 
 
 def _datalist_module() -> ModuleType:
@@ -91,7 +90,12 @@ def triage_csv_to_datalist(
     return summary
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console command (``[project.scripts]`` of pyproject.toml)."""
     import fire
 
     fire.Fire(triage_csv_to_datalist)
+
+
+if __name__ == "__main__":
+    cli()

@@ -40,18 +40,14 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-for _path in (REPO_ROOT, REPO_ROOT / "tools"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+from ctfm_bundles.tools import REPO_ROOT
 
-from package_bundles import BUNDLES_DIR, NETWORK_CONFIG, bundle_files, bundle_names, read_metadata  # noqa: E402
+from ctfm_bundles.tools.release.package_bundles import BUNDLES_DIR, NETWORK_CONFIG, bundle_files, bundle_names, read_metadata
 
-from ctfm_common import encoder as enc  # noqa: E402
-from ctfm_common.runtime import atomic_write, atomic_write_text  # noqa: E402
+from ctfm_common import encoder as enc
+from ctfm_common.runtime import atomic_write, atomic_write_text
 
 HUB_WEIGHTS = "model.safetensors"
 HUB_CONFIG = "config.json"
@@ -289,7 +285,12 @@ def remove(repo_id: str, *, cache_dir: str | None = None) -> None:
     shutil.rmtree(repo_dir, ignore_errors=True)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console command (``[project.scripts]`` of pyproject.toml)."""
     import fire
 
     fire.Fire({"export": export, "install": install, "remove": remove})
+
+
+if __name__ == "__main__":
+    cli()

@@ -58,11 +58,9 @@ from urllib.parse import urlparse
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+from ctfm_bundles.tools import REPO_ROOT
 
-from ctfm_common.download import (  # noqa: E402
+from ctfm_common.download import (
     SHA256_PATTERN,
     check_sha256_text,
     check_zip_members,
@@ -72,7 +70,7 @@ from ctfm_common.download import (  # noqa: E402
     verify_sha256,
     zip_top_folder,
 )
-from ctfm_common.runtime import atomic_write, atomic_write_text  # noqa: E402
+from ctfm_common.runtime import atomic_write, atomic_write_text
 
 BUNDLES_DIR = REPO_ROOT / "bundles"
 META_SCHEMA = REPO_ROOT / "schemas" / "meta_schema.json"  # MONAI's published schema, carried (schemas/README.md)
@@ -620,7 +618,12 @@ def download(url: str, *, sha256: str, bundle_dir: str = ".", overwrite: bool = 
     return extract(str(zip_path), bundle_dir=bundle_dir, sha256=sha256, overwrite=overwrite)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console command (``[project.scripts]`` of pyproject.toml)."""
     import fire
 
     fire.Fire({"package": package, "verify": verify, "extract": extract, "download": download})
+
+
+if __name__ == "__main__":
+    cli()

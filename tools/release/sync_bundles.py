@@ -34,7 +34,7 @@ from pathlib import Path
 
 import fire
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from ctfm_bundles.tools import REPO_ROOT
 SOURCE = REPO_ROOT / "ctfm_common"
 BUNDLES_DIR = REPO_ROOT / "bundles"
 TARGET = Path("scripts") / "ctfm_common"
@@ -97,5 +97,10 @@ def sync(*, check: bool = False) -> None:
         print(f"wrote {line}")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console command (``[project.scripts]`` of pyproject.toml)."""
     fire.Fire(sync)
+
+
+if __name__ == "__main__":
+    cli()

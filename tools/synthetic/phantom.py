@@ -46,15 +46,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ctfm_common.runtime import atomic_write, atomic_write_text  # noqa: E402
+from ctfm_common.runtime import atomic_write, atomic_write_text
 
 # ---------------------------------------------------------------------------------------
 # Registries (data only: the CLI, the bundles and the tests all read these).
@@ -1070,7 +1068,12 @@ def write_head_phantom(
                          seed=seed, lesion=lesion, noise_hu=noise_hu, blur_mm=blur_mm)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console command (``[project.scripts]`` of pyproject.toml)."""
     import fire
 
     fire.Fire({"body": write_body_phantom, "head": write_head_phantom, "dataset": make_dataset, "stats": phantom_stats})
+
+
+if __name__ == "__main__":
+    cli()
