@@ -10,11 +10,12 @@
 # limitations under the License.
 """Run a list of documented commands in ONE interpreter, one after the other (used by tests/test_docs.py).
 
-``python doc_command_runner.py plan.json``: each entry of the plan is ``{"argv", "module" | "path", "cwd",
+``python doc_command_runner.py plan.json``: each entry of the plan is ``{"argv", "module" | "entry", "cwd",
 "copies", "hashes"}``. Before a command, ``copies`` (``[dst, src]``: an earlier command's output standing in
 for a documented placeholder path) are copied when ``dst`` is missing and ``hashes`` (``{TOKEN: file}``)
 replace ``TOKEN`` in the arguments by the file's SHA-256. The command then runs as ``python -m <module>``
-or ``python <path>`` would run it (``sys.argv``, ``__main__``, the working directory), so one interpreter
+or the console command of ``entry`` (``module:function``) would run it (``sys.argv``, ``__main__``, the working
+directory), so one interpreter
 start is shared by the whole list. A bundle's ``scripts`` package is dropped between commands (two bundles
 must never share it). Each command starts with a ``@@@ COMMAND <i>`` line on stdout and stderr; the first
 success ends with ``@@@ DONE <i> in <seconds> s`` on stdout, the first
@@ -24,6 +25,7 @@ failure prints ``@@@ FAILED <i>`` after its traceback and ends the run with exit
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import runpy
@@ -71,10 +73,13 @@ def main(plan_file: str) -> int:
                 sys.path[:] = [os.getcwd(), *base_path[1:]]
                 sys.argv = [command["module"], *argv]
                 runpy.run_module(command["module"], run_name="__main__", alter_sys=True)
-            else:
-                sys.argv = [command["path"], *argv]
-                sys.path[:] = [os.path.dirname(command["path"]), *base_path[1:]]
-                runpy.run_path(command["path"], run_name="__main__")
+            else:  # as a console script: sys.exit(function())
+                module, _, function = command["entry"].partition(":")
+                sys.argv = [command["line"].split()[0], *argv]
+                sys.path[:] = base_path[1:]  # not the runner's folder
+                code = getattr(importlib.import_module(module), function)()
+                if code not in (None, 0):
+                    raise SystemExit(code)
         except SystemExit as e:
             if e.code not in (None, 0):
                 print(f"exit status {e.code}", file=sys.stderr)

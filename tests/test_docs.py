@@ -19,8 +19,9 @@ Checked (every command):
   overrides merges into the config;
 - ``python -m monai.bundle download``: the bundle exists and a literal ``--version`` is its
   current version;
-- ``python tools/<tool>.py <command>`` and ``bash tools/<script>.sh``: the tool exists and has
-  that command; paths under ``bundles/`` exist.
+- the console commands of pyproject.toml's ``[project.scripts]`` (``ctfm-<tool> <command>``): the
+  command is declared, its module imports and has that command; ``bash tools/<script>.sh``: the
+  script exists.
 
 Run (:func:`test_documented_commands_run_on_phantoms`): each document's commands run in order, as a
 user types them, in a scratch folder that stands in for the repository root, on tiny phantoms with
@@ -44,6 +45,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from string import Template
 
@@ -58,6 +60,8 @@ DOCS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md")),
 MONAI_ARGS = {"config_file", "meta_file", "logging_file", "args_file", "tracking", "bundle_root", "net_id", "filepath",
               "ckpt_file", "key_in_ckpt", "use_trace", "input_shape", "converter_kwargs"}
 CREATED = {"bundles_dl", "apps"}  # folders that earlier documented commands create
+# console command -> "module:function" (pyproject.toml's [project.scripts]; ctfm-segment has its own checks)
+CONSOLE = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
 
 
 def doc_commands(path: Path) -> list[tuple[str, Path, dict]]:
@@ -158,12 +162,17 @@ def test_documented_command_resolves(doc, line, cwd, variables):
         parser.read_config(str(BUNDLES_DIR / "ctfm_wholebody_seg" / "configs" / "inference.json"))
         unknown = [k for k in overrides if k not in parser]
         assert not unknown, f"{where}: {unknown} are not ids of ctfm_wholebody_seg/configs/inference.json"
-    elif tokens[0] in ("python", "bash") and len(tokens) > 1 and tokens[1].startswith("tools/"):
-        tool = REPO_ROOT / tokens[1]
-        assert tool.is_file(), f"{where}: {tokens[1]} does not exist"
-        if tool.suffix == ".py" and len(tokens) > 2 and not tokens[2].startswith("-"):
-            text = tool.read_text()
-            assert re.search(rf"def {tokens[2]}\(|\"{tokens[2]}\":", text), f"{where}: {tokens[1]} has no '{tokens[2]}'"
+    elif tokens[0] in CONSOLE:
+        import importlib
+
+        module = importlib.import_module(CONSOLE[tokens[0]].partition(":")[0])
+        if len(tokens) > 1 and not tokens[1].startswith("-"):
+            text = Path(module.__file__).read_text()
+            assert re.search(rf"def {tokens[1]}\(|\"{tokens[1]}\":", text), f"{where}: {tokens[0]} has no '{tokens[1]}'"
+    elif tokens[0].startswith("ctfm-"):
+        pytest.fail(f"{where}: {tokens[0]} is not a console command of pyproject.toml's [project.scripts]")
+    elif tokens[0] == "bash" and len(tokens) > 1 and tokens[1].startswith("tools/"):
+        assert (REPO_ROOT / tokens[1]).is_file(), f"{where}: {tokens[1]} does not exist"
 
 
 def test_environment_variables_of_the_front_door_scripts_are_documented():
@@ -196,7 +205,7 @@ def test_documented_demo_encoder_paths_are_where_the_pretrain_demo_writes():
 #
 # Each document's commands run in order in one interpreter (tests/doc_command_runner.py) inside its own
 # scratch folder, which stands in for the repository root: a copy of bundles/ (so commands that write into a
-# bundle's models/ or read its defaults work as documented), tools/ linked, and the documented placeholder
+# bundle's models/ or read its defaults work as documented), and the documented placeholder
 # inputs (ct.nii.gz, data/..., labels.csv, /data/... read as data/...) written once as tiny phantoms.
 # Documented sizes are replaced by TINY ones. Of each (bundle configs + run id) or (tool + verb), the first
 # runnable command in RUN_ORDER runs; later ones with the same key, and commands with an elided "...", are
@@ -217,9 +226,9 @@ EXEMPT = {  # command prefix (the whole command when it ends with $) -> why the 
     "hf upload": "uploads to the Hugging Face hub (network, token)",
     "python -m monai.bundle download --name ctfm_wholebody_seg --source github": "a GitHub release (network); the "
                                                                                  "--url form runs on a loopback server",
-    "python tools/sync_bundles.py$": "rewrites this repository's bundle copies; its --check form runs",
-    "python tools/bench_": "a full-size benchmark (minutes); benchmarks run by hand, never timed in the suite",
-    "python tools/idc.py ": "the IDC corpus: download fetches from IDC's buckets (network) and the other steps work on "
+    "ctfm-sync-bundles$": "rewrites this repository's bundle copies; its --check form runs",
+    "ctfm-bench-": "a full-size benchmark (minutes); benchmarks run by hand, never timed in the suite",
+    "ctfm-idc ": "the IDC corpus: download fetches from IDC's buckets (network) and the other steps work on "
                             "its results; tests/test_idc.py runs select, download (local S3 stand-in) and convert",
 }
 # documents in the order their commands run (later ones reuse earlier outputs), each in its scratch folder
@@ -246,9 +255,9 @@ TINY = {  # first config (bundle/config) or tool -> overrides that replace the d
     "ctfm_retrieval/embed.json": {**_EMBED_TINY, "mask_size": "16", "top_n": "3"},
     "ctfm_retrieval/inference.json": {"init_filters": "8"},
     "ctfm_retrieval/cluster.json": {"perplexity": "2"},
-    "tools/package_bundles.py package": {"init_filters": "8", "bundles": "ctfm_wholebody_seg"},
-    "tools/phantom.py body": {"shape": "40,40,20", "spacing": "3"},
-    "tools/phantom.py head": {"shape": "32,32,16", "spacing": "6,6,10"},
+    "ctfm-package package": {"init_filters": "8", "bundles": "ctfm_wholebody_seg"},
+    "ctfm-phantom body": {"shape": "40,40,20", "spacing": "3"},
+    "ctfm-phantom head": {"shape": "32,32,16", "spacing": "6,6,10"},
 }
 # documented path (from a scratch folder) -> the earlier output (scratch name, path) that stands in for it
 ENCODER = ("pretrain", "runs/pretrain/models/encoder.safetensors")
@@ -281,9 +290,9 @@ def _command_key(tokens: list[str], cwd: Path) -> tuple | None:
         return (names, tokens[3], "url" if "url" in pairs else pairs.get("source", ""))
     if tokens[0] == "ctfm-segment" or tokens[:3] == ["python", "-m", "ctfm_bundles.wholebody"]:
         return ("ctfm-segment",) if tokens[0] == "ctfm-segment" else ("ctfm_bundles.wholebody",)
-    if tokens[0] == "python" and len(tokens) > 1 and tokens[1].startswith("tools/"):
-        verb = tokens[2] if len(tokens) > 2 and not tokens[2].startswith("-") else ""
-        return (tokens[1], verb)
+    if tokens[0] in CONSOLE:
+        verb = tokens[1] if len(tokens) > 1 and not tokens[1].startswith("-") else ""
+        return (tokens[0], verb)
     return None
 
 
@@ -301,7 +310,7 @@ def _ordered() -> list[tuple[str, Path, str, Path]]:
     ordered = []
     for name, doc in RUN_ORDER:
         lines = [(line, cwd) for line, cwd, _ in doc_commands(REPO_ROOT / doc)]
-        prepare = [c for c in lines if re.match(r"python tools/(phantom|\w+_to_datalist)\.py", c[0])]
+        prepare = [c for c in lines if re.match(r"ctfm-(phantom|\w+-datalist)\b", c[0])]
         rest = [c for c in lines if c not in prepare]
         ordered += [(name, REPO_ROOT / doc, line, cwd) for line, cwd in prepare + rest]
     listed = {REPO_ROOT / doc for _, doc in RUN_ORDER}
@@ -338,7 +347,7 @@ def test_every_documented_command_runs_or_is_exempt_with_a_reason():
     for name in ("pretrain", "seg", "triage", "retrieval", "repo"):
         assert runs.get(name), f"no documented command of '{name}' runs"
     keys = {_command_key(tokens, cwd) for commands in runs.values() for _, _, cwd, tokens in commands}
-    assert ("tools/hub.py", "install") in keys and (("ctfm_wholebody_seg/inference.json",), "run", "run") in keys
+    assert ("ctfm-hub", "install") in keys and (("ctfm_wholebody_seg/inference.json",), "run", "run") in keys
 
 
 SCRATCHES = ["pretrain", "seg", "triage", "retrieval", "repo"]  # in RUN_ORDER
@@ -379,7 +388,6 @@ def _stage(name: str, root: Path, base_url: str) -> None:
 
     shutil.copytree(BUNDLES_DIR, root / "bundles", ignore=shutil.ignore_patterns("__pycache__", "eval", "*.pt",
                                                                                  "*.safetensors", "*.ts"))
-    (root / "tools").symlink_to(REPO_ROOT / "tools")
     if name == "pretrain":
         phantom.make_dataset(output_dir=str(root / "data"), num_cases=2, shape=(40, 40, 20), spacing=3.0)
     elif name == "seg":
@@ -452,8 +460,8 @@ def _argv(name: str, root: Path, workspace: Path, base_url: str, line: str, cwd:
     elif tokens[:2] == ["python", "-m"]:
         entry, args = {"module": tokens[2]}, tokens[3:]
         tiny_key = "ctfm-segment" if tokens[2] == "ctfm_bundles.wholebody" else "/".join(key[0][0].split("/")[-2:])
-    else:
-        entry, args, tiny_key = {"path": str(root / tokens[1])}, tokens[2:], " ".join(key)
+    else:  # a console command: its "module:function", called as the installed command calls it
+        entry, args, tiny_key = {"entry": CONSOLE[tokens[0]]}, tokens[1:], " ".join(key)
     tiny = dict(TINY.get(tiny_key, {}))
     if tokens[:3] == ["python", "-m", "monai.bundle"] and tiny:
         _, pairs = options(args)
@@ -537,9 +545,8 @@ def test_documented_commands_run_on_phantoms(name, doc_workspace):
 
 def test_a_failing_documented_command_fails_with_the_command_and_its_stderr(tmp_path):
     """The runner stops at the first failing command; the message names it and carries its error."""
-    good_line = "python tools/phantom.py body --output ok.nii.gz --shape 40,40,20 --spacing 3"
-    line = "python tools/phantom.py dataset --output_dir demo/phantoms --num_cases 0"
-    (tmp_path / "tools").symlink_to(REPO_ROOT / "tools")
+    good_line = "ctfm-phantom body --output ok.nii.gz --shape 40,40,20 --spacing 3"
+    line = "ctfm-phantom dataset --output_dir demo/phantoms --num_cases 0"
     plan = [_argv("repo", tmp_path, tmp_path, "", text, REPO_ROOT, shlex.split(text)) for text in (good_line, line)]
     message = run_commands([*plan, plan[0]], tmp_path)
     assert message is not None and message.startswith(f"documented command failed: {line}\n")

@@ -10,12 +10,12 @@
 # limitations under the License.
 """Model Zoo zips, downloads, the Hugging Face hub layout and TorchScript export, end to end and offline.
 
-Every bundle is packaged once (``tools/package_bundles.py``: schema, ``verify_net_in_out``,
+Every bundle is packaged once (``tools/release/package_bundles.py``: schema, ``verify_net_in_out``,
 ``ckpt_export`` + TorchScript reload on random weights, all in a clean interpreter on the zip's
 extracted copy, at init_filters 8) and served by a real HTTP server on 127.0.0.1; ``monai.bundle
 download`` installs a zip, by ``--url`` and by the ``--source github`` layout (its GitHub URLs
 redirected to that server), and the downloaded whole-body bundle segments the real CT
-``ct_small``. Hub repos are written by ``tools/hub.py`` and installed in a temporary
+``ct_small``. Hub repos are written by ``tools/release/hub.py`` and installed in a temporary
 huggingface_hub cache, where every config option that takes weights finds them by repo id with
 the hub offline. Weights here are random: these tests check files, hashes, geometry and errors.
 """
@@ -245,7 +245,7 @@ def _run(cmd, cwd, env=None, timeout=600):
 
 @pytest.fixture(scope="module")
 def hub_repos(tmp_path_factory):
-    """Tiny random-weight hub repos written by tools/hub.py and installed in a temporary hub cache."""
+    """Tiny random-weight hub repos written by tools/release/hub.py and installed in a temporary hub cache."""
     root = tmp_path_factory.mktemp("hub")
     torch.manual_seed(0)
     encoder = enc.build_encoder(init_filters=8)
@@ -490,7 +490,7 @@ def test_zip_outside_its_bundle_folder_is_refused(tmp_path):
 def test_what_monai_download_does_with_a_traversal_zip(server, tmp_path):
     """MONAI 1.6.1 refuses a '..' member too, but only when it reaches it: the members before it stay behind, and
     the next download of the same name then skips extraction ("Non-empty folder exists"). Hence: verify a zip
-    from an untrusted place with tools/package_bundles.py first (it refuses before writing anything)."""
+    from an untrusted place with tools/release/package_bundles.py first (it refuses before writing anything)."""
     from monai.bundle import download
 
     root, url = server

@@ -8,7 +8,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""tools/idc.py: select from the real shipped IDC index, download from a local S3 server, convert real DICOM.
+"""tools/data/idc.py: select from the real shipped IDC index, download from a local S3 server, convert real DICOM.
 
 No test needs the internet: ``select`` reads the index shipped in the idc-index-data wheel,
 ``download`` talks to a moto S3 server on 127.0.0.1 holding the real DICOM series of

@@ -8,7 +8,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Model cards: each bundle's ``docs/README.md`` and the hub README (``tools/hub.py``) say the intended
+"""Model cards: each bundle's ``docs/README.md`` and the hub README (``tools/release/hub.py``) say the intended
 use, the training data, the evaluation figures (or plainly that there are none), the limitations and
 the licence of the weights."""
 

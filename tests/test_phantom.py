@@ -8,7 +8,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Tests of tools/phantom.py: the synthetic body and head CT phantoms."""
+"""Tests of tools/synthetic/phantom.py: the synthetic body and head CT phantoms."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@
 # limitations under the License.
 """ctfm_retrieval: embed, index, query and evaluate, run through ``monai.bundle`` as a user does.
 
-Small phantoms (tools/phantom.py), the real ``ct_small`` when ../shared/data is there,
+Small phantoms (tools/synthetic/phantom.py), the real ``ct_small`` when ../shared/data is there,
 ``init_filters=8`` and 8 x 32 x 32 patches keep it fast on the CPU.
 """
 

@@ -8,7 +8,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""tools/bench_transfer.py: the probes' metrics against hand-computed values, the varied
+"""tools/bench/transfer.py: the probes' metrics against hand-computed values, the varied
 phantoms, and a smoke run of the whole command at its tiny size (the report's structure,
 never the gain)."""
 

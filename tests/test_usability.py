@@ -106,11 +106,8 @@ def _parsed(config: Path | list[Path], key: str, bundle_root: Path) -> str:
 
     from monai.bundle import ConfigParser
 
-    sys.path.insert(0, str(REPO_ROOT))
-    try:
-        from ctfm_common import encoder
-    finally:
-        sys.path.remove(str(REPO_ROOT))
+    from ctfm_common import encoder
+
     full = {}
     for part in config if isinstance(config, list) else [config]:  # merged in order, as monai.bundle run does
         full.update(ConfigParser.load_config_file(str(part)))
@@ -140,11 +137,8 @@ def test_missing_seg_weights_end_in_one_line(tmp_path):
 def test_missing_encoder_weights_are_one_line():
     """A missing ``encoder_ckpt`` (every encoder bundle reads it through the shared reader): a ``SystemExit``
     whose one line names the file and the commands that get the public feature extractor."""
-    sys.path.insert(0, str(REPO_ROOT))
-    try:
-        from ctfm_common.encoder import WeightsNotFoundError, read_state_dict
-    finally:
-        sys.path.remove(str(REPO_ROOT))
+    from ctfm_common.encoder import WeightsNotFoundError, read_state_dict
+
     missing = BUNDLES_DIR / "ctfm_triage" / "models" / "missing" / "model.safetensors"
     with pytest.raises(WeightsNotFoundError) as caught:
         read_state_dict(missing)
@@ -198,20 +192,23 @@ def test_roi_subset_output_equals_the_full_argmax_restricted():
 
 
 def test_pyproject_console_script_resolves():
-    """``pip install .`` installs ``ctfm-segment``: pyproject's target is an importable callable."""
+    """``pip install .`` installs ``ctfm-segment`` and the tools' commands: each of pyproject's targets is an
+    importable callable, and each tool module's ``python -m`` form runs the same callable."""
     import importlib
     import tomllib
 
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
-    module, _, function = project["scripts"]["ctfm-segment"].partition(":")
-    sys.path.insert(0, str(REPO_ROOT))
-    try:
-        target = getattr(importlib.import_module(module), function)
-        from ctfm_bundles import bundle_dir, segment
-    finally:
-        sys.path.remove(str(REPO_ROOT))
-    assert callable(target) and callable(segment)
+    from ctfm_bundles import bundle_dir, segment
+
+    assert callable(segment)
     assert (bundle_dir(SEG) / "configs" / "inference.json").is_file()
+    assert {"ctfm-segment", "ctfm-demo", "ctfm-idc", "ctfm-phantom", "ctfm-package", "ctfm-hub"} <= set(project["scripts"])
+    for command, target in project["scripts"].items():
+        module, _, function = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), function, None)), f"{command}: {target} is not callable"
+        if module.startswith("ctfm_bundles.tools."):
+            text = Path(importlib.import_module(module).__file__).read_text()
+            assert f'if __name__ == "__main__":\n    {function}()' in text, f"{command}: python -m {module} differs"
 
 
 def liver_everywhere_weights(path: Path) -> Path:

@@ -21,8 +21,8 @@ Each step's log is written beside its outputs.
 
 Usage::
 
-    python tools/demo.py                         # phantom CT
-    python tools/demo.py --ct path/to/ct.nii.gz  # your CT
+    ctfm-demo                         # phantom CT
+    ctfm-demo --ct path/to/ct.nii.gz  # your CT
 """
 
 from __future__ import annotations
@@ -387,7 +387,7 @@ def demo(*, ct: str | None = None, output_dir: str = "outputs/demo", init_filter
         f"\n[demo] The weights above were trained for a few iterations on phantoms at init_filters={init_filters}: "
         "they show every bundle running end to end and learning on phantoms they never saw (figures above), they are "
         "not models of real anatomy. For real use, pretrain on a CT corpus "
-        "(tools/idc.py) or pass the public CT-FM weights as encoder_ckpt (see README)."
+        "(tools/data/idc.py) or pass the public CT-FM weights as encoder_ckpt (see README)."
     )
     return {k: str(v) for k, v in outputs.items()}
 

@@ -24,8 +24,8 @@ pipeline, after a one-scan warm-up of the process (CUDA context, cuDNN).
 
 CLI::
 
-    python tools/bench_embed.py --num_scans 4 --init_filters 8 --shape 96,96,64    # CPU-sized
-    python tools/bench_embed.py --num_scans 16 --batch_size 16 --num_workers 8      # a GPU
+    ctfm-bench-embed --num_scans 4 --init_filters 8 --shape 96,96,64    # CPU-sized
+    ctfm-bench-embed --num_scans 16 --batch_size 16 --num_workers 8      # a GPU
 """
 
 from __future__ import annotations

@@ -27,8 +27,8 @@ the recipe (``init_filters`` 32, 32 x 128 x 128, 15 crops, 4 scans) with ``amp``
 
 CLI::
 
-    python tools/bench_pretrain.py --iterations 3                     # phantoms, CPU-sized
-    python tools/bench_pretrain.py --datalist data/datalist.json --dataset_dir data \\
+    ctfm-bench-pretrain --iterations 3                     # phantoms, CPU-sized
+    ctfm-bench-pretrain --datalist data/datalist.json --dataset_dir data \\
         --init_filters 32 --patch_size 32,128,128 --num_crops 15 --batch_size 4 --num_workers 8
 """
 

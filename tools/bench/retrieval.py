@@ -27,9 +27,9 @@ queries. Queries are fresh draws from the same distribution, not database member
 
 CLI::
 
-    python tools/bench_retrieval.py --sizes 100000 --output bench_1e5.json
-    python tools/bench_retrieval.py --sizes 1000000 --nprobes 8,16,32 --output bench_1e6.json
-    python tools/bench_retrieval.py --sizes 100000 --large_index hnsw --ef_searches 32,64,128
+    ctfm-bench-retrieval --sizes 100000 --output bench_1e5.json
+    ctfm-bench-retrieval --sizes 1000000 --nprobes 8,16,32 --output bench_1e6.json
+    ctfm-bench-retrieval --sizes 100000 --large_index hnsw --ef_searches 32,64,128
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@
 """Benchmark ctfm_wholebody_seg's ``roi_subset_crop``: ``--roi_subset liver`` with and without the crop.
 
 Both runs use the bundle's ``configs/inference.json`` (``run``, full preset) in this process on a body
-phantom (``tools/phantom.py``, no noise) and the same network: a randomly initialised ``SegResNetDS``
+phantom (``tools/synthetic/phantom.py``, no noise) and the same network: a randomly initialised ``SegResNetDS``
 (what the full pass costs) whose liver logit is replaced by a per-voxel test of the phantom liver's HU
 (so the coarse pass finds the liver where it is; random weights alone localise nothing). Reported: the
 CPU time (all threads, ``time.process_time``) and wall time of each run, their ratio, the shape the
@@ -19,8 +19,8 @@ full-resolution pass ran on, and the share of voxels where both label maps agree
 
 CLI::
 
-    python tools/bench_roi_subset_crop.py bench --shape 160,128,200 --output roi_crop.json
-    python tools/bench_roi_subset_crop.py bench --shape 96,80,120 --init_filters 8   # quick
+    ctfm-bench-roi-crop bench --shape 160,128,200 --output roi_crop.json
+    ctfm-bench-roi-crop bench --shape 96,80,120 --init_filters 8   # quick
 """
 
 from __future__ import annotations

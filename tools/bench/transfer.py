@@ -38,10 +38,10 @@ Sizes come from ``SIZES`` (``--size tiny|cpu|gpu``); any setting can be overridd
 
 Usage::
 
-    python tools/bench_transfer.py --output_dir outputs/bench_transfer                 # CPU default
-    python tools/bench_transfer.py --size gpu --output_dir outputs/bench_transfer_gpu  # device run
-    python tools/bench_transfer.py --datalist data/idc/nifti/datalist.json             # + real CTs
-    python tools/bench_transfer.py --size gpu --encoder_ckpt project-lighter/ct_fm_feature_extractor
+    ctfm-bench-transfer --output_dir outputs/bench_transfer                 # CPU default
+    ctfm-bench-transfer --size gpu --output_dir outputs/bench_transfer_gpu  # device run
+    ctfm-bench-transfer --datalist data/idc/nifti/datalist.json             # + real CTs
+    ctfm-bench-transfer --size gpu --encoder_ckpt project-lighter/ct_fm_feature_extractor
 
 Writes ``<output_dir>/transfer.json`` (every figure, per seed and summarised, with timings and
 the machine's load) and ``<output_dir>/transfer.png`` (bars per probe and encoder).

@@ -25,7 +25,7 @@ hide the other's):
 
 The same randomly initialised ``SegResNetDS`` weights (seeded) are loaded by every pipeline:
 the benchmark measures speed and memory, not accuracy. The input is a synthetic body CT
-(``tools/phantom.py``) of the given shape and spacing, unless ``image`` names a CT.
+(``tools/synthetic/phantom.py``) of the given shape and spacing, unless ``image`` names a CT.
 
 For the fast preset the benchmark also reports ``resolution_ceiling_dice``: per structure,
 the Dice of the phantom's labels against the same labels resampled to the preset's spacing
@@ -35,10 +35,10 @@ the same for any label map (e.g. a real reference segmentation) and several spac
 
 CLI::
 
-    python tools/bench_wholebody_seg.py bench --output bench.json                     # issue's CPU size
-    python tools/bench_wholebody_seg.py bench --shape 96,96,96 --init_filters 8        # quick
-    python tools/bench_wholebody_seg.py bench --pipelines plain,bundle --overlap 0.625 # reference overlap
-    python tools/bench_wholebody_seg.py ceiling --labels labels.nii.gz               # Dice bound of 1.5 / 3 mm
+    ctfm-bench-seg bench --output bench.json                     # issue's CPU size
+    ctfm-bench-seg bench --shape 96,96,96 --init_filters 8        # quick
+    ctfm-bench-seg bench --pipelines plain,bundle --overlap 0.625 # reference overlap
+    ctfm-bench-seg ceiling --labels labels.nii.gz               # Dice bound of 1.5 / 3 mm
 """
 
 from __future__ import annotations

@@ -36,11 +36,11 @@ Per-scan steps take a shard (``shard_index`` / ``num_shards``, defaulting from t
 
 CLI::
 
-    python tools/idc.py select --output data/idc/manifest.csv --sample 1000 --seed 0
-    python tools/idc.py download --manifest data/idc/manifest.csv --output_dir data/idc/dicom
-    python tools/idc.py convert --input_dir data/idc/dicom --output_dir data/idc/nifti \\
+    ctfm-idc select --output data/idc/manifest.csv --sample 1000 --seed 0
+    ctfm-idc download --manifest data/idc/manifest.csv --output_dir data/idc/dicom
+    ctfm-idc convert --input_dir data/idc/dicom --output_dir data/idc/nifti \\
         --manifest data/idc/manifest.csv
-    python tools/idc.py build --output_dir data/idc --sample 1000      # all three, resumable
+    ctfm-idc build --output_dir data/idc --sample 1000      # all three, resumable
 """
 
 from __future__ import annotations

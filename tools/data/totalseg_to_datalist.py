@@ -31,7 +31,7 @@ torchrun's RANK / WORLD_SIZE or SLURM array variables).
 
 Usage::
 
-    python tools/totalseg_to_datalist.py --input_dir Totalsegmentator_dataset_v201 --output_dir data/totalseg
+    ctfm-totalseg-datalist --input_dir Totalsegmentator_dataset_v201 --output_dir data/totalseg
 """
 
 from __future__ import annotations

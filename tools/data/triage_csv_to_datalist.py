@@ -19,7 +19,7 @@ disagree.
 
 Usage::
 
-    python tools/triage_csv_to_datalist.py --csv labels.csv --output datalist.json \
+    ctfm-triage-datalist --csv labels.csv --output datalist.json \
         --dataset_dir /data/head_ct --validation_fraction 0.1 --testing_fraction 0.1 --seed 0
 
 CSV examples::

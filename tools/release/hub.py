@@ -29,9 +29,9 @@ huggingface_hub cache under a repo id, so the repo id resolves on a machine with
 
 Usage::
 
-    python tools/hub.py export --bundle ctfm_wholebody_seg --weights models/model.pt --out hub/wholebody
-    python tools/hub.py install hub/wholebody --repo_id OWNER/NAME           # default cache
-    python tools/hub.py install ct_fm_download --repo_id project-lighter/ct_fm_feature_extractor
+    ctfm-hub export --bundle ctfm_wholebody_seg --weights models/model.pt --out hub/wholebody
+    ctfm-hub install hub/wholebody --repo_id OWNER/NAME           # default cache
+    ctfm-hub install ct_fm_download --repo_id project-lighter/ct_fm_feature_extractor
 """
 
 from __future__ import annotations

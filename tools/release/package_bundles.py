@@ -37,11 +37,11 @@ verify a zip from an untrusted place with this tool first.
 
 Usage::
 
-    python tools/package_bundles.py package --out dist --repo OWNER/REPO/TAG
-    python tools/package_bundles.py package --out dist --bundles ctfm_wholebody_seg --init_filters 8
-    python tools/package_bundles.py verify dist/ctfm_wholebody_seg_v0.3.0.zip --model_info dist/model_info.json
-    python tools/package_bundles.py extract dist/ctfm_wholebody_seg_v0.3.0.zip --bundle_dir bundles_dl --sha256 HEX
-    python tools/package_bundles.py download URL --sha256 HEX --bundle_dir bundles_dl
+    ctfm-package package --out dist --repo OWNER/REPO/TAG
+    ctfm-package package --out dist --bundles ctfm_wholebody_seg --init_filters 8
+    ctfm-package verify dist/ctfm_wholebody_seg_v0.3.0.zip --model_info dist/model_info.json
+    ctfm-package extract dist/ctfm_wholebody_seg_v0.3.0.zip --bundle_dir bundles_dl --sha256 HEX
+    ctfm-package download URL --sha256 HEX --bundle_dir bundles_dl
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest zip timestamp: same tree, same 
 # The config whose ``network_def`` is the network of the metadata's network_data_format.
 NETWORK_CONFIG = {
     "ctfm_pretrain": "train.json",
-    "ctfm_retrieval": "inference.json",  # = embed.json (tools/sync_bundles.py)
+    "ctfm_retrieval": "inference.json",  # = embed.json (tools/release/sync_bundles.py)
     "ctfm_triage": "inference.json",
     "ctfm_wholebody_seg": "inference.json",
 }

@@ -22,8 +22,8 @@ workflow, so ``ctfm_retrieval/configs/inference.json`` is ``embed.json`` byte fo
 
 Usage::
 
-    python tools/sync_bundles.py            # write the copies
-    python tools/sync_bundles.py --check    # exit 1 and list stale copies
+    ctfm-sync-bundles            # write the copies
+    ctfm-sync-bundles --check    # exit 1 and list stale copies
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def sync(*, check: bool = False) -> None:
     rel = [str(p.relative_to(REPO_ROOT)) for p in stale]
     if check:
         if rel:
-            print("stale shared-code copies (run `python tools/sync_bundles.py`):\n  " + "\n  ".join(rel))
+            print("stale shared-code copies (run `ctfm-sync-bundles`):\n  " + "\n  ".join(rel))
             sys.exit(1)
         print("shared-code copies are up to date")
         return

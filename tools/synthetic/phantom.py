@@ -34,11 +34,11 @@ Python API::
 
 CLI::
 
-    python tools/phantom.py body --output ct.nii.gz --shape 96,96,64 --spacing 3,3,3 --seed 1
+    ctfm-phantom body --output ct.nii.gz --shape 96,96,64 --spacing 3,3,3 --seed 1
     # -> ct.nii.gz (int16 HU) and ct_labels.nii.gz (uint8 BODY_LABELS)
-    python tools/phantom.py head --output head.nii.gz --lesion True
-    python tools/phantom.py dataset --output_dir data/phantoms --num_cases 8 --kind body
-    python tools/phantom.py stats --image ct.nii.gz --label ct_labels.nii.gz
+    ctfm-phantom head --output head.nii.gz --lesion True
+    ctfm-phantom dataset --output_dir data/phantoms --num_cases 8 --kind body
+    ctfm-phantom stats --image ct.nii.gz --label ct_labels.nii.gz
 """
 
 from __future__ import annotations
@@ -911,7 +911,7 @@ def make_dataset(
     root = Path(output_dir)
     datalist: dict[str, Any] = {
         "name": f"CT-FM {kind} phantoms",
-        "description": f"synthetic {kind} CT phantoms from tools/phantom.py (seed {seed})",
+        "description": f"synthetic {kind} CT phantoms from tools/synthetic/phantom.py (seed {seed})",
         "labels": ({"0": "background", **{str(v): k for k, v in BODY_LABELS.items()}} if kind == "body"
                    else {"0": "no_lesion", "1": "hyperdense_lesion"}),
         "numTraining": int(num_cases - num_validation),
