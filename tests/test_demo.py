@@ -21,7 +21,7 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import BUNDLE_NAMES, BUNDLES_DIR, REPO_ROOT
+from conftest import BUNDLE_NAMES, BUNDLES_DIR
 from monai.bundle import ConfigParser
 
 from ctfm_bundles.tools import demo

@@ -40,7 +40,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLE_NAMES, BUNDLES_DIR, META_SCHEMA, REPO_ROOT
+from conftest import BUNDLE_NAMES, BUNDLES_DIR, META_SCHEMA
 from monai.bundle import ConfigParser
 from monai.networks.nets import SegResNetDS
 

@@ -34,7 +34,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPO_ROOT
 
 from ctfm_bundles.tools.data import idc
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import BUNDLE_NAMES, BUNDLES_DIR, REPO_ROOT, serve_folder
+from conftest import BUNDLES_DIR, BUNDLE_NAMES, REPO_ROOT, bundle_scripts, serve_folder
 
 SEG = "ctfm_wholebody_seg"
 RELEASES = {
@@ -154,20 +154,7 @@ def test_missing_encoder_weights_are_one_line():
 
 def _seg_scripts():
     """The seg bundle's ``scripts`` package under a unique name (no clash with other bundles' ``scripts``)."""
-    import importlib
-    import importlib.util
-
-    name = "ctfm_wholebody_seg_scripts"
-    if name not in sys.modules:
-        root = BUNDLES_DIR / SEG / "scripts"
-        spec = importlib.util.spec_from_file_location(name, root / "__init__.py",
-                                                      submodule_search_locations=[str(root)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    for sub in ("segment", "labels", "dicom_seg"):
-        importlib.import_module(f"{name}.{sub}")
-    return sys.modules[name]
+    return bundle_scripts(SEG, "segment", "labels", "dicom_seg")
 
 
 def test_roi_subset_output_equals_the_full_argmax_restricted():
@@ -202,10 +189,12 @@ def test_pyproject_console_script_resolves():
 
     assert callable(segment)
     assert (bundle_dir(SEG) / "configs" / "inference.json").is_file()
-    assert {"ctfm-segment", "ctfm-demo", "ctfm-idc", "ctfm-phantom", "ctfm-package", "ctfm-hub"} <= set(project["scripts"])
-    for command, target in project["scripts"].items():
+    commands = project["scripts"]
+    assert {"ctfm-segment", "ctfm-demo", "ctfm-idc", "ctfm-phantom", "ctfm-package", "ctfm-hub"} <= set(commands)
+    for command, target in commands.items():
         module, _, function = target.partition(":")
-        assert callable(getattr(importlib.import_module(module), function, None)), f"{command}: {target} is not callable"
+        target_callable = getattr(importlib.import_module(module), function, None)
+        assert callable(target_callable), f"{command}: {target} is not callable"
         if module.startswith("ctfm_bundles.tools."):
             text = Path(importlib.import_module(module).__file__).read_text()
             assert f'if __name__ == "__main__":\n    {function}()' in text, f"{command}: python -m {module} differs"

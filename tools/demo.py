@@ -38,9 +38,7 @@ from pathlib import Path
 import fire
 
 from ctfm_bundles.tools import REPO_ROOT
-
 from ctfm_bundles.tools.synthetic import phantom
-
 from ctfm_common.inputs import case_name, resolve_input
 from ctfm_common.runtime import atomic_write_text
 

@@ -47,6 +47,7 @@ import torch
 
 from ctfm_bundles.tools import REPO_ROOT
 from ctfm_common.runtime import atomic_write_text
+
 BUNDLE_ROOT = REPO_ROOT / "bundles" / "ctfm_pretrain"
 
 

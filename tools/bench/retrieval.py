@@ -42,13 +42,13 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import fire
 import numpy as np
 
 from ctfm_bundles.tools import REPO_ROOT
 from ctfm_common.runtime import atomic_write_text
+
 BUNDLE_ROOT = REPO_ROOT / "bundles" / "ctfm_retrieval"
 
 logger = logging.getLogger("bench_retrieval")

@@ -38,8 +38,9 @@ import torch
 from torch import nn
 
 from ctfm_bundles.tools import REPO_ROOT
-BUNDLE_ROOT = REPO_ROOT / "bundles" / "ctfm_wholebody_seg"
 from ctfm_common.runtime import atomic_write_text
+
+BUNDLE_ROOT = REPO_ROOT / "bundles" / "ctfm_wholebody_seg"
 
 LIVER = 5  # TotalSegmentator index
 

@@ -63,10 +63,8 @@ from typing import Any
 import numpy as np
 
 from ctfm_bundles.tools import REPO_ROOT
-
-from ctfm_bundles.tools.synthetic import phantom
 from ctfm_bundles.tools.demo import bundle_command
-
+from ctfm_bundles.tools.synthetic import phantom
 from ctfm_common.runtime import atomic_write, atomic_write_text
 
 #: Sizes of a run (data only). ``cpu`` is the documented default (about 12 minutes a seed, 36 for

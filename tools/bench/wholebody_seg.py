@@ -57,6 +57,7 @@ import fire
 
 from ctfm_bundles.tools import REPO_ROOT
 from ctfm_common.runtime import atomic_write_text
+
 BUNDLE_ROOT = REPO_ROOT / "bundles" / "ctfm_wholebody_seg"
 RESULT_TAG = "BENCH_RESULT "
 

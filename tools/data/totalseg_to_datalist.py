@@ -49,6 +49,7 @@ import numpy as np
 from ctfm_bundles.tools import REPO_ROOT
 from ctfm_common.runtime import atomic_write, atomic_write_text, resolve_shard, shard_items
 from ctfm_common.validate import check_image_file, describe_failure
+
 DEFAULT_LABELS = REPO_ROOT / "bundles" / "ctfm_wholebody_seg" / "configs" / "metadata.json"
 SPLITS = {"train": "training", "val": "validation", "test": "testing"}
 

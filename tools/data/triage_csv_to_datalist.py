@@ -34,12 +34,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-from pathlib import Path
 from types import ModuleType
 
 from ctfm_bundles.tools import REPO_ROOT
-DATALIST_MODULE = REPO_ROOT / "bundles" / "ctfm_triage" / "scripts" / "datalist.py"
 from ctfm_common.runtime import atomic_write_text
+
+DATALIST_MODULE = REPO_ROOT / "bundles" / "ctfm_triage" / "scripts" / "datalist.py"
 
 
 def _datalist_module() -> ModuleType:

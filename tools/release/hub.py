@@ -42,10 +42,13 @@ import os
 import shutil
 from pathlib import Path
 
-from ctfm_bundles.tools import REPO_ROOT
-
-from ctfm_bundles.tools.release.package_bundles import BUNDLES_DIR, NETWORK_CONFIG, bundle_files, bundle_names, read_metadata
-
+from ctfm_bundles.tools.release.package_bundles import (
+    BUNDLES_DIR,
+    NETWORK_CONFIG,
+    bundle_files,
+    bundle_names,
+    read_metadata,
+)
 from ctfm_common import encoder as enc
 from ctfm_common.runtime import atomic_write, atomic_write_text
 

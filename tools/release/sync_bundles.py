@@ -35,6 +35,7 @@ from pathlib import Path
 import fire
 
 from ctfm_bundles.tools import REPO_ROOT
+
 SOURCE = REPO_ROOT / "ctfm_common"
 BUNDLES_DIR = REPO_ROOT / "bundles"
 TARGET = Path("scripts") / "ctfm_common"
