@@ -174,7 +174,7 @@ TRIAGE_HEADS = {"pairs": 16, "validation": 10, "testing": 24}
 #: The demo's triage grid and window: the blood window (0/80 HU) on a 5 x 3 x 3 mm grid, 16 x 32 x 32 voxels.
 TRIAGE = {"spacing": [5, 3, 3], "patch_size": [16, 32, 32], "windows": ["blood"]}
 #: Its training: 14 epochs; a left-right flip rather than the recipe's RandAffine, which on these few tiny
-#: heads did not learn the bleed (the check of the training machinery in tests/test_triage.py uses the same).
+#: heads did not learn the bleed (the check of the training machinery in tests/triage/test_triage.py uses the same).
 TRIAGE_TRAIN = {"max_epochs": 14, "batch_size": 4, "learning_rate": 0.0005, "flip_prob": 0.5, "affine_prob": 0.0}
 #: The demo's segmentation grid (mm) and patch (voxels): the whole phantom torso in one patch.
 SEG_SPACING, SEG_PATCH = [12, 12, 12], [32, 32, 32]

@@ -494,7 +494,7 @@ def test_real_ct_nifti_and_dicom_series_enter_the_cache(pretrain_scripts, shared
 def test_loss_falls_on_one_scan(pretrain_scripts, phantom_data, tmp_path):
     """30 steps on one phantom with every view operation: the intra-sample loss falls.
 
-    A check of the training machinery, not of the recipe (tests/test_recipe.py checks that): on this
+    A check of the training machinery, not of the recipe (tests/project/test_recipe.py checks that): on this
     40 x 40 x 20 phantom CT-FM's settings learn too slowly to show in 30 steps (measured, mean of the
     first vs last 10 steps: 1.93 -> 1.89 with the reference's settings; 1.94 -> 1.98 with sides >= 0.7
     and both views as anchors; 1.99 -> 1.77 when the foreground crop also keeps the fat, > -500 HU).

@@ -8,7 +8,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Run a list of documented commands in ONE interpreter, one after the other (used by tests/test_docs.py).
+"""Run a list of documented commands in ONE interpreter, one after the other (used by tests/project/test_docs.py).
 
 ``python doc_command_runner.py plan.json``: each entry of the plan is ``{"argv", "module" | "entry", "cwd",
 "copies", "hashes"}``. Before a command, ``copies`` (``[dst, src]``: an earlier command's output standing in

@@ -203,7 +203,7 @@ def test_documented_demo_encoder_paths_are_where_the_pretrain_demo_writes():
 
 # --- the documented commands run -------------------------------------------------------------------
 #
-# Each document's commands run in order in one interpreter (tests/doc_command_runner.py) inside its own
+# Each document's commands run in order in one interpreter (tests/project/doc_command_runner.py) inside its own
 # scratch folder, which stands in for the repository root: a copy of bundles/ (so commands that write into a
 # bundle's models/ or read its defaults work as documented), and the documented placeholder
 # inputs (ct.nii.gz, data/..., labels.csv, /data/... read as data/...) written once as tiny phantoms.
@@ -215,10 +215,10 @@ def test_documented_demo_encoder_paths_are_where_the_pretrain_demo_writes():
 EXEMPT = {  # command prefix (the whole command when it ends with $) -> why the suite does not run it
     "torchrun ": "multi-GPU data parallel (NCCL); its one-process form runs",
     "sbatch ": "a SLURM array job; the embed command it wraps runs",
-    "bash tools/run_demo.sh": "the main job (and its venv setup); tests/test_demo.py runs tools/demo.py end to end",
+    "bash tools/run_demo.sh": "the main job (and its venv setup); tests/tools/test_demo.py runs tools/demo.py end to end",
     "bash tools/run_tests.sh": "the test suite itself",
     "pip install": "installs from a package index (network)",
-    "monailabel ": "MONAI Label app download and server (network, long-lived); tests/test_monailabel.py serves "
+    "monailabel ": "MONAI Label app download and server (network, long-lived); tests/seg/test_monailabel.py serves "
                    "the bundle",
     "mkdir -p apps/": "MONAI Label app setup, with the monailabel commands beside it",
     "cp -r bundles/ctfm_wholebody_seg apps/": "MONAI Label app setup, with the monailabel commands beside it",
@@ -229,7 +229,7 @@ EXEMPT = {  # command prefix (the whole command when it ends with $) -> why the 
     "ctfm-sync-bundles$": "rewrites this repository's bundle copies; its --check form runs",
     "ctfm-bench-": "a full-size benchmark (minutes); benchmarks run by hand, never timed in the suite",
     "ctfm-idc ": "the IDC corpus: download fetches from IDC's buckets (network) and the other steps work on "
-                            "its results; tests/test_idc.py runs select, download (local S3 stand-in) and convert",
+                            "its results; tests/tools/test_idc.py runs select, download (local S3 stand-in) and convert",
 }
 # documents in the order their commands run (later ones reuse earlier outputs), each in its scratch folder
 RUN_ORDER = [("pretrain", "bundles/ctfm_pretrain/docs/README.md"), ("seg", "bundles/ctfm_wholebody_seg/docs/README.md"),
@@ -496,7 +496,7 @@ def doc_workspace(tmp_path_factory):
 
 
 def run_commands(plan: list[dict], root: Path) -> str | None:
-    """Run ``plan`` (entries of :func:`_argv`) with tests/doc_command_runner.py in ``root``: None when every
+    """Run ``plan`` (entries of :func:`_argv`) with tests/project/doc_command_runner.py in ``root``: None when every
     command succeeded, else a message naming the failed command, how it ran and its stderr tail."""
     (root / "plan.json").write_text(json.dumps(plan, indent=1))
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"),

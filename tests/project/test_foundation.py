@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -366,6 +367,10 @@ def test_bundle_copied_alone_builds_its_network(bundle, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"ROOT={copy}" in proc.stdout
     assert f"FILE={copy}" in proc.stdout
+    # the project's packages are installed beside it here, so a copy importing them would still run: forbid it
+    outside = [str(f.relative_to(copy)) for f in copy.rglob("*.py")
+               if re.search(r"^\s*(from|import) (ctfm_bundles|tools)\b", f.read_text(), re.M)]
+    assert outside == [], f"{bundle}: bundle code imports the repository's packages: {outside}"
 
 
 def test_project_carries_what_its_checks_need_and_never_reads_shared():

@@ -105,7 +105,7 @@ def test_pretrain_recipe(parse, tmp_path):
     assert (batch.a_min, batch.a_max) == (HU_MIN, HU_MAX)
     assert p.get_parsed_content("patch_size") == [32, 128, 128] and p.get_parsed_content("num_crops") == 15
     views = p.get_parsed_content("train#augmenter")
-    assert views.num_views == 2 and views.crop_scale == (0.33, 1.0)  # s per axis: tests/test_pretrain.py
+    assert views.num_views == 2 and views.crop_scale == (0.33, 1.0)  # s per axis: tests/pretrain/test_pretrain.py
     assert (views.flip_prob, views.num_control_points, views.histogram_shift_prob) == (0.5, 5, 0.5)
     assert (views.smooth_prob, views.smooth_sigma) == (0.5, (0.25, 1.5))  # RandGaussianSmoothd defaults
     loss = p.get_parsed_content("loss")

@@ -42,7 +42,7 @@ SETTINGS = {  # the tiny recipe every workflow here shares
     "windows": ["blood"],
     "num_workers": 0,
 }
-# A check of the training machinery, not of the recipe (tests/test_recipe.py checks that): on these tiny
+# A check of the training machinery, not of the recipe (tests/project/test_recipe.py checks that): on these tiny
 # heads (lesions of 8-30 voxels, 32 training scans, 14 epochs) CT-FM's augmentation (RandAffine p 0.2, no
 # flip) left the held-out AUC at 0.59 over 24 heads; a left-right flip instead learns it.
 TRAIN = {"max_epochs": 14, "batch_size": 4, "learning_rate": 0.0005, "flip_prob": 0.5, "affine_prob": 0.0}
