@@ -8,4 +8,8 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Synthetic CTs: body and head phantoms with label maps, single files or whole datasets."""
+"""Synthetic CTs: body and head phantoms with label maps, single files or whole datasets.
+
+``phantom`` is the public API and the ``ctfm-phantom`` command; ``anatomy`` (data), ``geometry``, ``body``,
+``head``, ``volumes``, ``labels``, ``files`` and ``datasets`` hold the work, one responsibility each.
+"""
