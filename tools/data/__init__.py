@@ -8,4 +8,8 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Real CT data: the IDC corpus for pretraining, and the datalists of the segmentation and triage bundles."""
+"""Real CT data: the IDC corpus for pretraining, and the datalists of the segmentation and triage bundles.
+
+``idc`` is the IDC corpus's public API and the ``ctfm-idc`` command; its steps live in ``idc_manifest`` (the
+filters and the manifest), ``idc_select``, ``idc_download`` and ``idc_convert``.
+"""
