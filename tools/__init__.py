@@ -22,6 +22,38 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # the source checkout the tools work on (bundles/, ctfm_common/)
+
+
+def forget_bundle_scripts() -> None:
+    """Drop every imported ``scripts`` module: each bundle has its own ``scripts`` package, never two at once."""
+    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+        del sys.modules[name]
+
+
+def use_bundle_scripts(bundle_folder: str | os.PathLike) -> None:
+    """Make ``import scripts`` (and a config's ``$import scripts``) find this bundle's package, as
+    ``python -m monai.bundle run`` does for the bundle it runs: the folder first on ``sys.path``, any other
+    bundle's ``scripts`` forgotten. The one place tools and tests do this; bundles never need it."""
+    forget_bundle_scripts()
+    folder = str(bundle_folder)
+    if folder in sys.path:
+        sys.path.remove(folder)
+    sys.path.insert(0, folder)
+
+
+@contextlib.contextmanager
+def bundle_scripts_switch() -> Iterator[Callable[[str | os.PathLike], None]]:
+    """Yields :func:`use_bundle_scripts`; on exit ``sys.path`` is as before and no ``scripts`` stays imported."""
+    saved = list(sys.path)
+    try:
+        yield use_bundle_scripts
+    finally:
+        sys.path[:] = saved
+        forget_bundle_scripts()

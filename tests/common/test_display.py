@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from conftest import BUNDLES_DIR, REPO_ROOT
 from matplotlib.image import imread
+from ctfm_bundles.tools import bundle_scripts_switch, use_bundle_scripts
 from ctfm_bundles.tools.synthetic.phantom import BODY_LABELS, make_body_phantom
 
 from ctfm_common import display
@@ -90,20 +91,15 @@ def test_readable_numbers_and_fitted_colour_scale():
 
 
 def bundle_scripts(bundle: str):
-    """Import a bundle's ``scripts`` package (two bundles never at once)."""
-    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-        del sys.modules[name]
-    sys.path.insert(0, str(BUNDLES_DIR / bundle))
+    """Import a bundle's ``scripts`` package (two bundles never at once; the test takes ``restore_path``)."""
+    use_bundle_scripts(BUNDLES_DIR / bundle)
     return importlib.import_module("scripts")
 
 
 @pytest.fixture
 def restore_path():
-    saved = list(sys.path)
-    yield
-    sys.path[:] = saved
-    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-        del sys.modules[name]
+    with bundle_scripts_switch():
+        yield
 
 
 def test_every_png_writer_gives_the_same_picture_for_lps_and_ras(phantom, tmp_path, restore_path):

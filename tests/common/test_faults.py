@@ -25,7 +25,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -34,6 +33,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import BUNDLES_DIR, REPO_ROOT, run_bundle
+from ctfm_bundles.tools import bundle_scripts_switch
 from ctfm_bundles.tools.demo import bundle_command
 
 from ctfm_bundles.tools.synthetic import phantom
@@ -104,16 +104,11 @@ def _half_then_raise(real_writer_output: bytes):
 
 @pytest.fixture
 def seg_scripts():
-    saved = list(sys.path)
-    sys.path.insert(0, str(BUNDLES_DIR / "ctfm_wholebody_seg"))
-    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-        del sys.modules[name]
-    import scripts.segment
+    with bundle_scripts_switch() as use:
+        use(BUNDLES_DIR / "ctfm_wholebody_seg")
+        import scripts.segment
 
-    yield scripts
-    sys.path[:] = saved
-    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-        del sys.modules[name]
+        yield scripts
 
 
 def test_atomic_write_that_fails_midway_keeps_the_previous_file(tmp_path):
@@ -355,9 +350,8 @@ def test_every_train_config_runs_the_same_resume_rule_first(bundle, last, best, 
             if best:
                 assert "best=@ckpt" in first and parser.get_parsed_content("ckpt").endswith(best)
     # and the rule itself
-    saved = list(sys.path)
-    sys.path.insert(0, str(BUNDLES_DIR / bundle))
-    try:
+    with bundle_scripts_switch() as use:
+        use(BUNDLES_DIR / bundle)
         from scripts.ctfm_common import checkpoint
         from scripts.ctfm_common.runtime import UsageError
 
@@ -375,10 +369,6 @@ def test_every_train_config_runs_the_same_resume_rule_first(bundle, last, best, 
             with pytest.raises(UsageError, match=f"holds {best} of an earlier run but no {last} to continue from"):
                 checkpoint.prepare_run(tmp_path, True, last=last_path, best=str(tmp_path / best))
             assert (tmp_path / best).read_bytes() == b"x"
-    finally:
-        sys.path[:] = saved
-        for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-            del sys.modules[name]
 
 
 def test_disk_full_while_saving_a_checkpoint_says_so_and_keeps_the_previous_one(tmp_path, monkeypatch):

@@ -20,26 +20,21 @@ from __future__ import annotations
 import importlib
 import logging
 import re
-import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
 from conftest import BUNDLES_DIR
 from monai.bundle import ConfigParser
+from ctfm_bundles.tools import bundle_scripts_switch
 from ctfm_bundles.tools.synthetic.phantom import make_body_phantom
 
 
 @pytest.fixture
 def retrieval_scripts():
-    saved = list(sys.path)
-    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-        del sys.modules[name]
-    sys.path.insert(0, str(BUNDLES_DIR / "ctfm_retrieval"))
-    yield importlib.import_module("scripts")
-    sys.path[:] = saved
-    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-        del sys.modules[name]
+    with bundle_scripts_switch() as use:
+        use(BUNDLES_DIR / "ctfm_retrieval")
+        yield importlib.import_module("scripts")
 
 
 def test_saliency_shows_progress_and_logs_a_readable_maximum(retrieval_scripts, tmp_path, capfd, caplog):

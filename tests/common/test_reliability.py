@@ -50,6 +50,7 @@ from bad_inputs import (
 )
 from conftest import BUNDLES_DIR, REPO_ROOT, run_bundle
 
+from ctfm_bundles.tools import bundle_scripts_switch
 from ctfm_common import validate
 
 ACCEPTED = sorted(k for k, v in EXPECTED.items() if v is None)
@@ -201,18 +202,13 @@ def test_seg_inference_single_bad_input_exits_nonzero_and_keeps_the_previous_out
 
 @pytest.fixture(scope="module")
 def triage_ckpt(corpus):
-    saved = list(sys.path)
-    sys.path.insert(0, str(BUNDLES_DIR / "ctfm_triage"))
-    try:
+    with bundle_scripts_switch() as use:
+        use(BUNDLES_DIR / "ctfm_triage")
         from scripts.model import TriageClassifier
 
         torch.manual_seed(0)
         path = corpus["root"] / "triage.pt"
         torch.save(TriageClassifier(init_filters=8, in_channels=1, num_labels=1).state_dict(), path)
-    finally:
-        sys.path[:] = saved
-        for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-            del sys.modules[name]
     return path
 
 

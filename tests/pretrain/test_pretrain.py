@@ -27,6 +27,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import BUNDLES_DIR, REPO_ROOT, run_bundle
+from ctfm_bundles.tools import bundle_scripts_switch
 from ctfm_bundles.tools.demo import bundle_command
 from ignite.engine import Events
 from monai.bundle import ConfigParser
@@ -45,14 +46,11 @@ TINY = {"init_filters": 8, "patch_size": [16, 32, 32], "num_crops": 3, "num_work
 @pytest.fixture
 def pretrain_scripts():
     """The bundle's ``scripts`` package, imported in this process and removed afterwards."""
-    saved = list(sys.path)
-    sys.path.insert(0, str(BUNDLES_DIR / BUNDLE))
-    import scripts
+    with bundle_scripts_switch() as use:
+        use(BUNDLES_DIR / BUNDLE)
+        import scripts
 
-    yield scripts
-    sys.path[:] = saved
-    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-        del sys.modules[name]
+        yield scripts
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ from conftest import BUNDLE_NAMES, BUNDLES_DIR, META_SCHEMA, REPO_ROOT
 from monai.bundle import ConfigParser
 from monai.networks.nets.segresnet_ds import SegResEncoder, SegResNetDS
 
+from ctfm_bundles.tools import bundle_scripts_switch, use_bundle_scripts
 from ctfm_bundles.tools.release import package_bundles as pb
 from ctfm_common import encoder as enc
 
@@ -43,10 +44,7 @@ def config_sets(bundle: str) -> list[list[Path]]:
 
 def bundle_parser(bundle: str, files: list[Path], **overrides) -> ConfigParser:
     """Parse a bundle's configs in this process with its own ``scripts`` package importable."""
-    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-        del sys.modules[name]
-    root = str(BUNDLES_DIR / bundle)
-    sys.path.insert(0, root)
+    use_bundle_scripts(BUNDLES_DIR / bundle)
     parser = ConfigParser()
     parser.read_config([str(f) for f in files])
     parser.update(overrides)
@@ -56,11 +54,8 @@ def bundle_parser(bundle: str, files: list[Path], **overrides) -> ConfigParser:
 
 @pytest.fixture
 def bundle_path_cleanup():
-    saved = list(sys.path)
-    yield
-    sys.path[:] = saved
-    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-        del sys.modules[name]
+    with bundle_scripts_switch():
+        yield
 
 
 def test_layout_is_complete():

@@ -26,6 +26,7 @@ import torch
 from conftest import BUNDLES_DIR
 from monai.bundle import ConfigParser
 
+from ctfm_bundles.tools import bundle_scripts_switch, use_bundle_scripts
 from ctfm_bundles.tools.release import package_bundles as pb
 
 HU_MIN, HU_MAX = -1024, 2048
@@ -34,22 +35,17 @@ HU_MIN, HU_MAX = -1024, 2048
 @pytest.fixture
 def parse():
     """``parse(bundle, *config_names, **overrides)``: the merged configs, parsed with the bundle's ``scripts``."""
-    saved = list(sys.path)
 
     def _parse(bundle: str, *names: str, **overrides) -> ConfigParser:
-        for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-            del sys.modules[name]
-        sys.path.insert(0, str(BUNDLES_DIR / bundle))
+        use_bundle_scripts(BUNDLES_DIR / bundle)
         parser = ConfigParser()
         parser.read_config([str(BUNDLES_DIR / bundle / "configs" / n) for n in names])
         parser.update({"init_filters": 8, **overrides})
         parser.parse()
         return parser
 
-    yield _parse
-    sys.path[:] = saved
-    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-        del sys.modules[name]
+    with bundle_scripts_switch():
+        yield _parse
 
 
 def transforms_of(value) -> list:
@@ -296,13 +292,9 @@ def test_semantic_search_ras_voxel_order_is_the_reference_permutation():
     reference) and the features come back on the SPL grid."""
     import importlib
 
-    sys.path.insert(0, str(BUNDLES_DIR / "ctfm_retrieval"))
-    try:
+    with bundle_scripts_switch() as use:
+        use(BUNDLES_DIR / "ctfm_retrieval")
         module = importlib.import_module("scripts.semantic_search")
-    finally:
-        sys.path.pop(0)
-        for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-            del sys.modules[name]
     seen = []
 
     class Probe(torch.nn.Module):  # records its input; "features": the input itself at stride 1

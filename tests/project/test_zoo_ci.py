@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -35,6 +34,7 @@ from conftest import BUNDLE_NAMES, BUNDLES_DIR, META_SCHEMA
 from monai.bundle import ConfigParser, ckpt_export, create_workflow, verify_metadata, verify_net_in_out
 from monai.networks.nets.segresnet_ds import SegResEncoder
 
+from ctfm_bundles.tools import bundle_scripts_switch, use_bundle_scripts
 from ctfm_common.encoder import save_encoder_weights
 
 # Bundles without configs/inference.json, and the sentence their docs/README.md must carry.
@@ -45,22 +45,17 @@ INIT_FILTERS = 8
 @pytest.fixture
 def bundle_copy(tmp_path):
     """Copy a bundle alone (no weights), make its ``scripts`` importable as ``monai.bundle run`` does."""
-    saved = list(sys.path)
     copies = []
 
     def make(bundle: str) -> Path:
         dst = tmp_path / bundle
         shutil.copytree(BUNDLES_DIR / bundle, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pt", "*.ts"))
-        for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-            del sys.modules[name]
-        sys.path.insert(0, str(dst))
+        use_bundle_scripts(dst)
         copies.append(dst)
         return dst
 
-    yield make
-    sys.path[:] = saved
-    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-        del sys.modules[name]
+    with bundle_scripts_switch():
+        yield make
 
 
 def width_overrides(meta: dict) -> dict:

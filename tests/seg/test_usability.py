@@ -29,6 +29,8 @@ import torch
 import yaml
 from conftest import BUNDLES_DIR, BUNDLE_NAMES, REPO_ROOT, bundle_scripts, serve_folder
 
+from ctfm_bundles.tools import bundle_scripts_switch
+
 SEG = "ctfm_wholebody_seg"
 RELEASES = {
     "ctfm_wholebody_seg": "project-lighter/whole_body_segmentation",
@@ -399,10 +401,6 @@ def seg_config(tmp_path):
     ``monai.bundle run`` puts it) with a given network and overrides; returns the case's summary record."""
     from monai.bundle import ConfigParser
 
-    saved = list(sys.path)
-    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-        del sys.modules[name]
-    sys.path.insert(0, str(BUNDLES_DIR / SEG))
 
     def run(network: torch.nn.Module, out: Path, **overrides) -> dict:
         parser = ConfigParser()
@@ -414,10 +412,9 @@ def seg_config(tmp_path):
 
         return json.loads((out / "summary.json").read_text())["cases"][0]
 
-    yield run
-    sys.path[:] = saved
-    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-        del sys.modules[name]
+    with bundle_scripts_switch() as use:
+        use(BUNDLES_DIR / SEG)
+        yield run
 
 
 def _pointwise_liver_network() -> torch.nn.Module:

@@ -44,6 +44,7 @@ from conftest import BUNDLE_NAMES, BUNDLES_DIR, META_SCHEMA
 from monai.bundle import ConfigParser
 from monai.networks.nets import SegResNetDS
 
+from ctfm_bundles.tools import bundle_scripts_switch, use_bundle_scripts
 from ctfm_bundles.tools.release import hub
 from ctfm_bundles.tools.release import package_bundles as pb
 from ctfm_common import download as dl
@@ -594,9 +595,7 @@ def test_hub_repo_ids_load_offline_from_the_cache(offline_hub):
 
 
 def _bundle_parser(bundle: str, files: list[Path], **overrides) -> ConfigParser:
-    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-        del sys.modules[name]
-    sys.path.insert(0, str(BUNDLES_DIR / bundle))
+    use_bundle_scripts(BUNDLES_DIR / bundle)
     parser = ConfigParser()
     parser.read_config([str(f) for f in files])
     parser.update(overrides)
@@ -633,11 +632,8 @@ def _source_kind(bundle: str, option: str) -> str:
 
 @pytest.fixture
 def restore_path():
-    saved = list(sys.path)
-    yield
-    sys.path[:] = saved
-    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-        del sys.modules[name]
+    with bundle_scripts_switch():
+        yield
 
 
 def test_every_weight_option_takes_a_hub_repo_id(offline_hub, restore_path):

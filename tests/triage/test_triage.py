@@ -23,7 +23,6 @@ import csv
 import json
 import logging
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ import pytest
 import torch
 from conftest import BUNDLES_DIR, SHARED_DATA, run_bundle, tensorboard_scalars
 
+from ctfm_bundles.tools import bundle_scripts_switch
 from ctfm_bundles.tools.synthetic import phantom
 
 BUNDLE = "ctfm_triage"
@@ -67,16 +67,11 @@ def trained(tmp_path_factory):
 @pytest.fixture
 def triage_scripts():
     """The bundle's ``scripts`` package imported in this process (and forgotten afterwards)."""
-    saved = list(sys.path)
-    sys.path.insert(0, str(BUNDLES_DIR / BUNDLE))
-    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-        del sys.modules[name]
-    import scripts
+    with bundle_scripts_switch() as use:
+        use(BUNDLES_DIR / BUNDLE)
+        import scripts
 
-    yield scripts
-    sys.path[:] = saved
-    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-        del sys.modules[name]
+        yield scripts
 
 
 @pytest.fixture

@@ -45,7 +45,7 @@ from pathlib import Path
 import fire
 import torch
 
-from ctfm_bundles.tools import REPO_ROOT
+from ctfm_bundles.tools import REPO_ROOT, use_bundle_scripts
 from ctfm_common.runtime import atomic_write_text
 
 BUNDLE_ROOT = REPO_ROOT / "bundles" / "ctfm_pretrain"
@@ -55,7 +55,7 @@ def _parser(overrides: dict):
     from monai.bundle import ConfigParser
 
     if str(BUNDLE_ROOT) not in sys.path:
-        sys.path.insert(0, str(BUNDLE_ROOT))
+        use_bundle_scripts(BUNDLE_ROOT)
     parser = ConfigParser()
     parser.read_config(str(BUNDLE_ROOT / "configs" / "train.json"))
     parser.update(overrides)

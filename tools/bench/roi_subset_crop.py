@@ -26,7 +26,6 @@ CLI::
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -37,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ctfm_bundles.tools import REPO_ROOT
+from ctfm_bundles.tools import REPO_ROOT, use_bundle_scripts
 from ctfm_common.runtime import atomic_write_text
 
 BUNDLE_ROOT = REPO_ROOT / "bundles" / "ctfm_wholebody_seg"
@@ -108,7 +107,7 @@ def bench(
     network = LiverByIntensity(
         SegResNetDS(spatial_dims=3, in_channels=1, init_filters=init_filters, blocks_down=[1, 2, 2, 4, 4],
                     out_channels=118, dsdepth=4), liver_hu).eval()
-    sys.path.insert(0, str(BUNDLE_ROOT))  # the config's `import scripts`, as monai.bundle run puts it
+    use_bundle_scripts(BUNDLE_ROOT)  # the config's `import scripts`, as monai.bundle run puts it
     result: dict = {"shape": shape, "spacing_mm": 1.5, "init_filters": init_filters, "amp": amp,
                     "torch_threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:

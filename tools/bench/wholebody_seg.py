@@ -55,7 +55,7 @@ from pathlib import Path
 
 import fire
 
-from ctfm_bundles.tools import REPO_ROOT
+from ctfm_bundles.tools import REPO_ROOT, use_bundle_scripts
 from ctfm_common.runtime import atomic_write_text
 
 BUNDLE_ROOT = REPO_ROOT / "bundles" / "ctfm_wholebody_seg"
@@ -134,7 +134,7 @@ def _bundle(*, image: str, weights: str, output_dir: str, init_filters: int, num
     """The bundle's inference.json ``run``, ``repeats`` times; returns each run's seconds and stages."""
     from monai.bundle import ConfigParser
 
-    sys.path.insert(0, str(BUNDLE_ROOT))
+    use_bundle_scripts(BUNDLE_ROOT)
     parser = ConfigParser()
     parser.read_config(str(BUNDLE_ROOT / "configs" / "inference.json"))
     parser.update({"input": image, "output_dir": output_dir, "ckpt": weights, "init_filters": init_filters,
