@@ -278,11 +278,31 @@ def network_check(bundle_dir: Path, init_filters: int | None) -> dict | None:
     return {"config_file": [f"configs/{name}"], "override": override}
 
 
-# Runs in a clean interpreter (no PYTHONPATH, not the repository) on the extracted copies of the
-# zips, one after the other, each as the working directory with its own ``scripts`` package (the
-# previous one is unloaded): only MONAI, torch and the bundle's own files are importable, as after a
-# zoo download. One interpreter for all bundles: importing torch and MONAI is most of the cost.
-CHECK_SCRIPT = r"""
+# A zoo download or a MONAI Label app has none of this repository's packages, but the editable install
+# of a checkout (tools/setup_env.sh) makes them importable from anywhere: the interpreters that stand in
+# for a bundle copied alone run this first, so that importing one fails there as it would after a download.
+HIDE_REPOSITORY_PACKAGES = r"""
+import sys
+
+
+class _RepositoryPackagesHidden:
+    names = ("ctfm_common", "ctfm_bundles")
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in self.names:
+            raise ModuleNotFoundError(f"No module named {name!r} (a bundle copied alone has only its own files)",
+                                      name=name)
+        return None
+
+
+sys.meta_path.insert(0, _RepositoryPackagesHidden())
+"""
+
+# Runs in a clean interpreter (no PYTHONPATH, not the repository, its installed packages hidden) on the
+# extracted copies of the zips, one after the other, each as the working directory with its own ``scripts``
+# package (the previous one is unloaded): only MONAI, torch and the bundle's own files are importable, as
+# after a zoo download. One interpreter for all bundles: importing torch and MONAI is most of the cost.
+CHECK_SCRIPT = HIDE_REPOSITORY_PACKAGES + r"""
 import json, os, sys, tempfile, time, traceback
 import torch
 from monai.bundle import ConfigParser, ckpt_export, verify_metadata, verify_net_in_out
