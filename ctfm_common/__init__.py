@@ -10,7 +10,7 @@
 # limitations under the License.
 """Code shared by every CT-FM bundle: the encoder contract and input handling.
 
-This package is the single source of truth. ``tools/sync_bundles.py`` copies it into
+This package is the single source of truth. ``ctfm-sync-bundles`` copies it into
 each bundle as ``scripts/ctfm_common`` so that a bundle folder runs on its own (model
 zoo, MONAI Label); a test fails when a copy drifts from this source.
 """

@@ -23,7 +23,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-import phantom
+from ctfm_bundles.tools import use_bundle_scripts
+from ctfm_bundles.tools.synthetic import phantom
 
 #: case -> fragment of the reported problem (``None``: accepted).
 EXPECTED: dict[str, str | None] = {
@@ -275,11 +276,10 @@ def run_cases_in_one_process(bundle_root: str, cases: list[dict]) -> list[dict]:
 
     Each case: ``{"name", "config_files", "run_id", "overrides"}``.
     """
-    import sys
     import time
     import traceback
 
-    sys.path.insert(0, bundle_root)
+    use_bundle_scripts(bundle_root)  # as monai.bundle run does
     from monai.bundle import run
 
     from scripts.ctfm_common import runtime

@@ -17,12 +17,18 @@ user runs them, so two bundles' ``scripts`` packages never meet in one interpret
 from __future__ import annotations
 
 import contextlib
+import csv
+import importlib
+import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from ctfm_bundles.tools.demo import bundle_command  # one definition of how a bundle is run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLES_DIR = REPO_ROOT / "bundles"
@@ -30,12 +36,6 @@ SHARED_DIR = REPO_ROOT.parent / "shared"
 SHARED_DATA = SHARED_DIR / "data"
 META_SCHEMA = REPO_ROOT / "schemas" / "meta_schema.json"  # MONAI's published schema, carried (schemas/README.md)
 BUNDLE_NAMES = sorted(p.parents[1].name for p in BUNDLES_DIR.glob("*/configs/metadata.json"))
-
-for _path in (REPO_ROOT, REPO_ROOT / "tools"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
-
-from demo import bundle_command  # noqa: E402  (one definition of how a bundle is run)
 
 
 def run_bundle(
@@ -111,3 +111,143 @@ def tensorboard_scalars(log_dir: str | os.PathLike) -> dict[str, list[float]]:
         for tag in accumulator.Tags()["scalars"]:
             scalars.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
     return {tag: [v for _, v in sorted(values)] for tag, values in scalars.items()}
+
+
+def bundle_scripts(bundle: str, *submodules: str):
+    """Bundle ``bundle``'s ``scripts`` package (and its ``submodules``), imported under the unique name
+    ``<bundle>_scripts``: tests of several bundles share one interpreter without their ``scripts`` clashing,
+    and nothing is added to ``sys.path``."""
+    name = f"{bundle}_scripts"
+    if name not in sys.modules:
+        root = BUNDLES_DIR / bundle / "scripts"
+        spec = importlib.util.spec_from_file_location(name, root / "__init__.py",
+                                                      submodule_search_locations=[str(root)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    for sub in submodules:
+        importlib.import_module(f"{name}.{sub}")
+    return sys.modules[name]
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
+    """``(tensors, metadata)`` of a safetensors file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def read_csv_rows(path: str | os.PathLike) -> list[dict]:
+    """The rows of a CSV file with a header, as dicts."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# --- ctfm_retrieval: the scans, embeddings, index and in-process recipe that tests/retrieval/ share ----------------
+# (session fixtures: the embed run is the costliest step of those tests and runs once for all their files)
+
+RETRIEVAL = "ctfm_retrieval"
+RETRIEVAL_FAST = {"init_filters": 8, "patch_size": [8, 32, 32], "overlap": 0.0, "num_workers": 0, "batch_size": 8}
+RETRIEVAL_BODY = ("body0", "body1")
+RETRIEVAL_HEAD = ("head0", "head1")
+
+
+def retrieval_scripts():
+    """ctfm_retrieval's ``scripts`` (as ``ctfm_retrieval_scripts``) with the modules the tests call."""
+    return bundle_scripts(RETRIEVAL, "embedding", "evaluation", "metrics", "vector_index")
+
+
+def retrieval_case_names(scans: dict) -> list[str]:
+    """The case names that embedding ``scans`` gives (the phantoms, and ct_small when it is there)."""
+    return sorted([*RETRIEVAL_BODY, *RETRIEVAL_HEAD] + (["ct_small"] if scans["real"] else []))
+
+
+@pytest.fixture(scope="session")
+def scans(tmp_path_factory) -> dict:
+    """Two body and two head phantoms, a corrupt file, ct_small when available, and encoder weights."""
+    import torch
+
+    from ctfm_bundles.tools.synthetic import phantom
+    from ctfm_common import encoder as enc
+
+    root = tmp_path_factory.mktemp("retrieval")
+    (root / "scans").mkdir()
+    for kind, names in (("body", RETRIEVAL_BODY), ("head", RETRIEVAL_HEAD)):
+        for i, name in enumerate(names):
+            phantom.write_phantom(
+                output=str(root / "scans" / f"{name}.nii.gz"),
+                kind=kind,
+                shape=(40, 40, 16),
+                spacing=(3.0, 3.0, 3.0),
+                seed=i,
+                label_output=str(root / f"{name}_labels.nii.gz"),
+            )
+    (root / "scans" / "broken.nii.gz").write_bytes(b"not a nifti file")
+    real = SHARED_DATA / "totalseg_example" / "ct_small.nii.gz"
+    if real.is_file():
+        shutil.copy(real, root / "scans" / "ct_small.nii.gz")
+    phantom.write_phantom(
+        output=str(root / "new_body.nii.gz"),
+        kind="body",
+        shape=(40, 40, 16),
+        spacing=3.0,
+        seed=7,
+        label_output=str(root / "new_body_labels.nii.gz"),
+    )
+    torch.manual_seed(0)
+    ckpt = enc.save_encoder_weights(enc.build_encoder(init_filters=8), root / "encoder.safetensors")
+    return {"root": root, "glob": str(root / "scans" / "*.nii.gz"), "ckpt": str(ckpt), "real": real.is_file()}
+
+
+@pytest.fixture(scope="session")
+def embedded(scans) -> dict:
+    """embed.json over the glob, with patch embeddings and min aggregation."""
+    out = scans["root"] / "out_a"
+    proc = run_bundle(
+        RETRIEVAL,
+        "embed.json",
+        input=scans["glob"],
+        output_dir=str(out),
+        encoder_ckpt=scans["ckpt"],
+        save_patches=True,
+        aggregation="min",
+        **RETRIEVAL_FAST,
+    )
+    return {"out": out, "emb": out / "embeddings", "log": proc.stdout + proc.stderr}
+
+
+@pytest.fixture(scope="session")
+def local(scans) -> dict:
+    """The embed recipe built in this process (the preprocessing of embed.json, the trained-weights encoder)."""
+    from monai import transforms as mt
+
+    scripts = retrieval_scripts()
+    preprocessing = mt.Compose(
+        [
+            mt.LoadImaged("image", image_only=True),
+            mt.EnsureChannelFirstd("image"),
+            mt.Orientationd("image", "SPL"),
+            mt.Spacingd("image", (3.0, 1.0, 1.0)),
+            mt.CropForegroundd("image", "image"),  # MONAI's default x > 0: HU > 0, as in CT-FM
+            mt.ScaleIntensityRanged("image", -1024, 2048, 0, 1, clip=True),
+            mt.SpatialPadd("image", (8, 32, 32)),
+        ]
+    )
+    net = scripts.encoder.load_encoder(scripts.encoder.PooledEncoderHead(init_filters=8), scans["ckpt"]).eval()
+    settings = scripts.embedding.embedding_settings(
+        aggregation="min",
+        patch_size=(8, 32, 32),
+        overlap=RETRIEVAL_FAST["overlap"],
+        spacing=(3.0, 1.0, 1.0),
+        init_filters=8,
+        encoder_ckpt=scans["ckpt"],
+    )
+    return {"preprocessing": preprocessing, "network": net, "settings": settings}
+
+
+@pytest.fixture(scope="session")
+def indexed(embedded) -> Path:
+    """The index built in this process (index.json itself runs in the incremental-add test)."""
+    retrieval_scripts().vector_index.build_index(embeddings_dir=embedded["emb"], index_dir=embedded["out"] / "index")
+    return embedded["out"] / "index"

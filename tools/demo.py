@@ -21,8 +21,8 @@ Each step's log is written beside its outputs.
 
 Usage::
 
-    python tools/demo.py                         # phantom CT
-    python tools/demo.py --ct path/to/ct.nii.gz  # your CT
+    ctfm-demo                         # phantom CT
+    ctfm-demo --ct path/to/ct.nii.gz  # your CT
 """
 
 from __future__ import annotations
@@ -37,14 +37,10 @@ from pathlib import Path
 
 import fire
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "tools"))
-sys.path.insert(0, str(REPO_ROOT))
-
-import phantom  # noqa: E402
-
-from ctfm_common.inputs import case_name, resolve_input  # noqa: E402
-from ctfm_common.runtime import atomic_write_text  # noqa: E402
+from ctfm_bundles.tools import REPO_ROOT
+from ctfm_bundles.tools.synthetic import phantom
+from ctfm_common.inputs import case_name, resolve_input
+from ctfm_common.runtime import atomic_write_text
 
 
 def cli_value(value) -> str:
@@ -178,7 +174,7 @@ TRIAGE_HEADS = {"pairs": 16, "validation": 10, "testing": 24}
 #: The demo's triage grid and window: the blood window (0/80 HU) on a 5 x 3 x 3 mm grid, 16 x 32 x 32 voxels.
 TRIAGE = {"spacing": [5, 3, 3], "patch_size": [16, 32, 32], "windows": ["blood"]}
 #: Its training: 14 epochs; a left-right flip rather than the recipe's RandAffine, which on these few tiny
-#: heads did not learn the bleed (the check of the training machinery in tests/test_triage.py uses the same).
+#: heads did not learn the bleed (the check of the training machinery in tests/triage/test_triage.py uses the same).
 TRIAGE_TRAIN = {"max_epochs": 14, "batch_size": 4, "learning_rate": 0.0005, "flip_prob": 0.5, "affine_prob": 0.0}
 #: The demo's segmentation grid (mm) and patch (voxels): the whole phantom torso in one patch.
 SEG_SPACING, SEG_PATCH = [12, 12, 12], [32, 32, 32]
@@ -389,10 +385,15 @@ def demo(*, ct: str | None = None, output_dir: str = "outputs/demo", init_filter
         f"\n[demo] The weights above were trained for a few iterations on phantoms at init_filters={init_filters}: "
         "they show every bundle running end to end and learning on phantoms they never saw (figures above), they are "
         "not models of real anatomy. For real use, pretrain on a CT corpus "
-        "(tools/idc.py) or pass the public CT-FM weights as encoder_ckpt (see README)."
+        "(tools/data/idc.py) or pass the public CT-FM weights as encoder_ckpt (see README)."
     )
     return {k: str(v) for k, v in outputs.items()}
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console command (``[project.scripts]`` of pyproject.toml)."""
     fire.Fire(demo, serialize=lambda _: None)
+
+
+if __name__ == "__main__":
+    cli()

@@ -8,6 +8,6 @@ source "$root/tools/setup_env.sh"
 cd "$root"
 if [ $# -ge 1 ] && [ "${1#-}" = "$1" ]; then
   ct="$1"; shift
-  exec python tools/demo.py --ct "$ct" "$@"
+  exec ctfm-demo --ct "$ct" "$@"
 fi
-exec python tools/demo.py "$@"
+exec ctfm-demo "$@"

@@ -8,7 +8,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Bundle code that MONAI does not provide. ``ctfm_common`` is generated (tools/sync_bundles.py)."""
+"""Bundle code that MONAI does not provide. ``ctfm_common`` is generated (ctfm-sync-bundles)."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ names the labels (``path,any,epidural,...``); an optional ``split`` column assig
 stratified on the first label. Every row is validated: a missing file, a label that is not
 0 or 1, or a wrong number of columns is reported with its line number, all at once.
 
-This module imports nothing from the rest of the bundle, so ``tools/triage_csv_to_datalist.py``
+This module imports nothing from the rest of the bundle, so ``ctfm-triage-datalist`` (tools/data/triage_csv_to_datalist.py)
 can load it on its own.
 """
 

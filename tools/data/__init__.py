@@ -1,0 +1,15 @@
+# Copyright (c) CT-FM bundles contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Real CT data: the IDC corpus for pretraining, and the datalists of the segmentation and triage bundles.
+
+``idc`` is the IDC corpus's public API and the ``ctfm-idc`` command; its steps live in ``idc_manifest`` (the
+filters and the manifest), ``idc_select``, ``idc_download`` and ``idc_convert``.
+"""
