@@ -35,21 +35,14 @@ from ctfm_bundles.tools.synthetic import phantom
 BUNDLE = "ctfm_wholebody_seg"
 
 
-def _sliding_module():
-    """The bundle's scripts/sliding.py, loaded by path (every bundle has its own ``scripts`` package)."""
-    spec = importlib.util.spec_from_file_location("ctfm_wholebody_seg_sliding",
-                                                  BUNDLES_DIR / BUNDLE / "scripts" / "sliding.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture
-def segment():
-    """The bundle's scripts/segment.py (imported as its ``scripts`` package; the import is undone after)."""
+def scripts():
+    """The bundle's ``scripts`` package with ``sliding`` and ``segment`` (the import is undone after)."""
     with bundle_scripts_switch() as use:
         use(BUNDLES_DIR / BUNDLE)
-        yield importlib.import_module("scripts.segment")
+        for module in ("sliding", "segment"):
+            importlib.import_module(f"scripts.{module}")
+        yield importlib.import_module("scripts")
 
 
 def _tiny_network(num_classes: int = 6):
@@ -64,11 +57,11 @@ def _tiny_network(num_classes: int = 6):
     ((20, 40, 33), 0.5, 3),  # smaller than the window along the first axis: padded, then cropped
     ((50, 36, 40), (0.6, 0.25, 0.0), 1),  # one overlap per axis
 ])
-def test_slab_argmax_equals_monai_sliding_window_then_argmax(shape, overlap, sw_batch_size):
+def test_slab_argmax_equals_monai_sliding_window_then_argmax(scripts, shape, overlap, sw_batch_size):
     from monai.data import MetaTensor
     from monai.inferers import SlidingWindowInferer
 
-    sliding = _sliding_module()
+    sliding = scripts.sliding
     network = _tiny_network()
     torch.manual_seed(1)
     affine = torch.diag(torch.tensor([1.5, 1.5, 1.5, 1.0]))
@@ -100,12 +93,12 @@ def _phantom_tensor(shape, spacing=3.0):
     return torch.as_tensor(np.clip((ct.astype(np.float32) + 1024) / 2048, 0, 1))[None, None]
 
 
-def test_feature_stitching_gives_monai_label_map_and_leaves_the_network_whole():
+def test_feature_stitching_gives_monai_label_map_and_leaves_the_network_whole(scripts):
     """SegResNetDS's head is linear: stitching its features and running the head on their weighted mean
     is MONAI's mean of the windows' logits, so the label map is MONAI's (float32 throughout)."""
     from monai.inferers import SlidingWindowInferer
 
-    sliding = _sliding_module()
+    sliding = scripts.sliding
     network = _segresnet()
     image = _phantom_tensor(shape=(48, 40, 56))
     settings = {"roi_size": (32, 32, 32), "sw_batch_size": 2, "overlap": 0.25, "mode": "gaussian"}
@@ -123,13 +116,13 @@ def test_feature_stitching_gives_monai_label_map_and_leaves_the_network_whole():
     assert network.up_layers[-1]["head"] is head and after.shape[1] == 24
 
 
-def test_bf16_with_float32_stem_and_head_keeps_float32_label_map(segment):
+def test_bf16_with_float32_stem_and_head_keeps_float32_label_map(scripts):
     """Under bf16 autocast, rounding the [0, 1] input, the head's weights and the logits to bf16 flips the
     argmax of near-tied logits (random weights); the float32 stem and the float32 head on stitched
     features keep float32's label map."""
     from monai.inferers import SlidingWindowInferer
 
-    sliding = _sliding_module()
+    sliding = scripts.sliding
     network = _segresnet(num_classes=118, init_filters=8)
     image = _phantom_tensor(shape=(48, 40, 56))
     settings = {"roi_size": (32, 32, 32), "sw_batch_size": 1, "overlap": 0.25, "mode": "gaussian"}
@@ -138,13 +131,29 @@ def test_bf16_with_float32_stem_and_head_keeps_float32_label_map(segment):
         network.to(memory_format=torch.channels_last_3d)
         agree = {}
         for name, stem, features in (("all bf16", False, False), ("float32 stem and head", True, True)):
-            model = segment.CastOutput(network, None, 1, True, lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+            model = scripts.segment.CastOutput(network, None, 1, True, lambda: torch.autocast("cpu", dtype=torch.bfloat16),
                                        float32_stem=stem)
             labels = sliding.SlabArgmaxInferer(**settings, stitch_features=features)(image, model)
             agree[name] = float((labels.long() == expected).float().mean())
     assert agree["float32 stem and head"] >= 0.995, agree
     assert agree["float32 stem and head"] > agree["all bf16"] + 0.01, agree
     assert isinstance(network.encoder.conv_init, torch.nn.Conv3d)  # the stem is the network's own again
+
+
+def test_stitching_switches_take_words_from_the_command_line(scripts):
+    """``--slab_argmax false --stitch_features false`` arrive as words: both switch off (a word is not a
+    true bool), the postprocessing's argmax switches on, and a word that is no boolean is refused."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES_DIR / BUNDLE / "configs" / "inference.json"))
+    parser.update({"slab_argmax": "false", "stitch_features": "false", "device": "cpu"})
+    inferer = parser.get_parsed_content("window_inferer")
+    assert inferer.argmax is False and inferer.stitch_features is False
+    argmax_step = [t for t in parser.get_parsed_content("postprocessing").transforms if type(t).__name__ == "AsDiscreted"]
+    assert argmax_step and argmax_step[0].argmax[0] is True
+    with pytest.raises(ValueError, match="maybe"):
+        scripts.sliding.SlabArgmaxInferer(roi_size=(16, 16, 16), stitch_features="maybe")
 
 def test_inference_config_cpu_label_map_matches_the_torch_path_on_a_phantom(tmp_path):
     from monai.networks.nets import SegResNetDS

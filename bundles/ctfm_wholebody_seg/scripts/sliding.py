@@ -52,6 +52,8 @@ from monai.inferers import Inferer, SlidingWindowInferer
 from monai.inferers.utils import _get_scan_interval
 from monai.utils import convert_to_dst_type, ensure_tuple_rep, fall_back_tuple
 
+from .ctfm_common.runtime import UsageError, as_bool
+
 logger = logging.getLogger("ctfm_wholebody_seg")
 
 
@@ -171,8 +173,8 @@ class SlabArgmaxInferer(SlidingWindowInferer):
         super().__init__(roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode=mode,
                          sigma_scale=sigma_scale, padding_mode=padding_mode, cval=cval, sw_device=sw_device,
                          device=device, progress=progress, **kwargs)
-        self.argmax = bool(argmax)
-        self.stitch_features = bool(stitch_features)
+        self.argmax = as_bool(argmax)  # a word from the command line too: --slab_argmax false
+        self.stitch_features = as_bool(stitch_features)
         self.chunk = 8  # slices per multiply-add
         self.timings: dict[str, float] = {}
 
@@ -300,8 +302,6 @@ class RoiSubsetCropInferer(Inferer):
     def __init__(self, inferer: Callable, coarse_inferer: Callable, channels: Sequence[int] = (),
                  spacing: Sequence[float] = (1.5, 1.5, 1.5), coarse_spacing: Sequence[float] = (3.0, 3.0, 3.0),
                  margin_mm: float = 20.0, enabled: bool = True) -> None:
-        from .ctfm_common.runtime import UsageError, as_bool  # here: tests load this module by its path
-
         super().__init__()
         self.inferer = inferer
         self.coarse_inferer = coarse_inferer
