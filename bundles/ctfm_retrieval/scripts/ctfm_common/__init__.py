@@ -1,4 +1,4 @@
-# GENERATED from ctfm_common/__init__.py by tools/sync_bundles.py: edit the source, not this copy.
+# GENERATED from ctfm_common/__init__.py by ctfm-sync-bundles: edit the source, not this copy.
 # Copyright (c) CT-FM bundles contributors
 # Licensed under the Apache License, Version 2.0 (the "License");
 # you may not use this file except in compliance with the License.
@@ -11,7 +11,7 @@
 # limitations under the License.
 """Code shared by every CT-FM bundle: the encoder contract and input handling.
 
-This package is the single source of truth. ``tools/sync_bundles.py`` copies it into
+This package is the single source of truth. ``ctfm-sync-bundles`` copies it into
 each bundle as ``scripts/ctfm_common`` so that a bundle folder runs on its own (model
 zoo, MONAI Label); a test fails when a copy drifts from this source.
 """

@@ -1,4 +1,4 @@
-# GENERATED from ctfm_common/display.py by tools/sync_bundles.py: edit the source, not this copy.
+# GENERATED from ctfm_common/display.py by ctfm-sync-bundles: edit the source, not this copy.
 # Copyright (c) CT-FM bundles contributors
 # Licensed under the Apache License, Version 2.0 (the "License");
 # you may not use this file except in compliance with the License.
