@@ -334,14 +334,22 @@ def test_sync_detects_and_repairs_drift(tmp_path):
     shutil.copytree(REPO_ROOT / "ctfm_common", source, ignore=shutil.ignore_patterns("__pycache__"))
     (tmp_path / "bundles" / "b" / "configs").mkdir(parents=True)
     (tmp_path / "bundles" / "b" / "configs" / "metadata.json").write_text("{}")
+    (tmp_path / "bundles" / "b" / "scripts").mkdir()
+    (tmp_path / "bundles" / "b" / "scripts" / "model.py").write_text("from .ctfm_common.encoder import build_encoder\n")
+    # the bundle gets what it imports and what that imports in turn, nothing else
+    used = sync_bundles.used_modules(tmp_path / "bundles" / "b", source)
+    assert "encoder" in used and "download" in used and "cases" not in used
     stale = sync_bundles.stale_copies(source, tmp_path / "bundles")
-    assert {p.name for p in stale} == {p.name for p in source.glob("*.py")}  # nothing packaged yet
+    assert {p.name for p in stale} == {f"{m}.py" for m in used} | {"__init__.py"}  # nothing packaged yet
     for path, text in sync_bundles.expected_copies(source, tmp_path / "bundles").items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     assert sync_bundles.stale_copies(source, tmp_path / "bundles") == []
     (source / "encoder.py").write_text((source / "encoder.py").read_text() + "\n# changed\n")
     assert [p.name for p in sync_bundles.stale_copies(source, tmp_path / "bundles")] == ["encoder.py"]
+    unused = tmp_path / "bundles" / "b" / "scripts" / "ctfm_common" / "cases.py"  # left from an earlier sync
+    unused.write_text(sync_bundles.STAMP.format(name="cases.py") + (source / "cases.py").read_text())
+    assert unused in sync_bundles.stale_copies(source, tmp_path / "bundles")
 
 
 @pytest.mark.parametrize("bundle", EXPECTED_BUNDLES)

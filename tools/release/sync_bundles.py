@@ -13,7 +13,9 @@
 The model zoo and MONAI Label copy one bundle folder, so each bundle must carry the shared
 code it runs. ``ctfm_common/`` is the only place to edit it; this build step writes the
 copies, each stamped with where it came from, and ``--check`` (run by the test suite)
-fails when a copy has drifted.
+fails when a copy has drifted. A bundle gets only the modules it uses (:func:`used_modules`):
+those its ``scripts/`` import or its configs name (``scripts.ctfm_common.<module>``), and
+what those import in turn; a copy it no longer uses is removed.
 
 It also writes the config copies of :data:`CONFIG_COPIES`: the Model Zoo's CI looks for
 ``configs/inference.json`` in every bundle, and the retrieval bundle's inference is its embed
@@ -28,7 +30,9 @@ Usage::
 
 from __future__ import annotations
 
+import ast
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -49,11 +53,48 @@ def bundle_dirs(bundles_dir: Path = BUNDLES_DIR) -> list[Path]:
     return sorted(p.parents[1] for p in bundles_dir.glob("*/configs/metadata.json"))
 
 
+def _imported(path: Path, package: str | None) -> set[str]:
+    """Names of the shared modules ``path`` imports: relative imports of ``package`` (a bundle script:
+    ``from .ctfm_common[.x] import ...``), or, with ``package`` ``None``, of its own package (a shared
+    module: ``from .x import ...``, ``from . import x``)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if not isinstance(node, ast.ImportFrom) or node.level != 1:
+            continue
+        parts = (node.module or "").split(".")
+        if package is not None:
+            if parts[0] != package:
+                continue
+            parts = parts[1:]
+        names |= {parts[0]} if parts and parts[0] else {alias.name for alias in node.names}
+    return names
+
+
+def used_modules(bundle: Path, source: Path = SOURCE) -> set[str]:
+    """The shared modules ``bundle`` runs: those its ``scripts/*.py`` import or its configs name
+    (``scripts.ctfm_common.<module>``), and every shared module those import, transitively."""
+    available = {p.stem for p in source.glob("*.py")} - {"__init__"}
+    todo = set()
+    for script in (bundle / "scripts").glob("*.py"):
+        todo |= _imported(script, TARGET.name)
+    for config in (bundle / "configs").glob("*.json"):
+        todo |= set(re.findall(r"scripts\.ctfm_common\.(\w+)", config.read_text()))
+    used: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in used or name not in available:
+            continue
+        used.add(name)
+        todo |= _imported(source / f"{name}.py", None)
+    return used
+
+
 def expected_copies(source: Path = SOURCE, bundles_dir: Path = BUNDLES_DIR) -> dict[Path, str]:
     """Map each generated file path to the content it must have."""
     files = {}
     for bundle in bundle_dirs(bundles_dir):
-        for src in sorted(source.glob("*.py")):
+        used = used_modules(bundle, source) | {"__init__"}
+        for src in sorted(p for p in source.glob("*.py") if p.stem in used):
             files[bundle / TARGET / src.name] = STAMP.format(name=src.name) + src.read_text()
         for copy, original in CONFIG_COPIES.get(bundle.name, {}).items():
             if (bundle / "configs" / original).is_file():
