@@ -107,6 +107,17 @@ def ctfm_reference_loss(crops: list[list[torch.Tensor]], temperature: float) -> 
     return total / crops[0][0].shape[0]
 
 
+
+@pytest.mark.parametrize("word, expected", [("false", False), ("0", False), ("true", True)])
+def test_speed_switches_take_words_from_the_command_line(pretrain_scripts, word, expected):
+    """``--amp false`` arrives as a word: on a CUDA device it must switch bf16 autocast (and channels_last,
+    compile) off, not on (a bare ``@amp and ...`` counts any word as true)."""
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES_DIR / BUNDLE / "configs" / "train.json"))
+    parser.update({"device": "cuda", "amp": word, "channels_last": word, "compile": word})
+    for key in ("train#trainer#amp", "train#trainer#compile", "train#prepare_batch#channels_last"):
+        assert parser.get_parsed_content(key) is expected, key
+
 def test_ntxent_default_is_ctfm_view0_anchor_loss(pretrain_scripts):
     """The default loss is CT-FM's value for value: view 0 anchors, 28 same-scan negatives."""
     torch.manual_seed(3)
