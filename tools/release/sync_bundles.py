@@ -127,15 +127,15 @@ def sync(*, check: bool = False) -> None:
         print("shared-code copies are up to date")
         return
     expected = expected_copies()
-    for path in stale:
-        if path not in expected:
+    for path, line in zip(stale, rel):
+        if path not in expected:  # a module the bundle no longer uses
             path.unlink()
+            print(f"removed {line}")
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(expected[path])
         os.replace(tmp, path)
-    for line in rel:
         print(f"wrote {line}")
 
 
