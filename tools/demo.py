@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -351,12 +352,38 @@ def print_learning(summary: dict) -> None:
         print(f"  Your CT: {summary['your_ct']}.")
 
 
+#: What the demo writes into its output folder, and the file that says the demo wrote it.
+DEMO_OUTPUTS = ("data", "pretrain", "wholebody_seg", "triage", "retrieval", "logs", "summary.json")
+DEMO_MARKER = ".ctfm_demo"
+
+
+def start_afresh(out: Path) -> None:
+    """Clear what an earlier demo run wrote into ``out``, so a rerun gives a first run's figures.
+
+    Every training step resumes by default, and the retrieval index refuses embeddings of another
+    encoder: an earlier run's checkpoints (another version, other settings) would be resumed and its
+    database mixed in. The demo's own outputs (:data:`DEMO_OUTPUTS`) are removed only when ``out``
+    holds :data:`DEMO_MARKER` (the demo wrote them); a folder that holds them without it is refused in
+    one line, so nothing the demo did not write is ever deleted.
+    """
+    found = [name for name in DEMO_OUTPUTS if (out / name).exists()]
+    if found and not (out / DEMO_MARKER).is_file():
+        raise SystemExit(f"error: {out} already holds {', '.join(found)}, not written by this version of the demo: "
+                         "pass another --output_dir, or remove them")
+    if found:
+        print(f"[demo] starting afresh in {out}: removing the earlier run's {', '.join(found)}")
+    for name in found:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    atomic_write_text(out / DEMO_MARKER, "outputs of the ctfm-demo main job; a rerun replaces them\n")
+
+
 def demo(*, ct: str | None = None, output_dir: str = "outputs/demo", init_filters: int = 8, seed: int = 0) -> dict:
     """Run every bundle end to end and print where the outputs are.
 
     Args:
         ct: your CT (NIfTI/NRRD file or DICOM series folder); default: a phantom CT.
-        output_dir: where everything goes (created).
+        output_dir: where everything goes (created). A rerun into it starts afresh (:func:`start_afresh`).
         init_filters: encoder width for the demo's training runs (32 is the contract; 8 keeps
             the demo to minutes on a CPU).
         seed: seed of the phantoms and of the runs.
@@ -367,6 +394,7 @@ def demo(*, ct: str | None = None, output_dir: str = "outputs/demo", init_filter
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    start_afresh(out)
     data = prepare_data(out, ct, seed)
     print(f"[demo] CT: {data['ct']} ({'yours' if ct else 'phantom'}); outputs in {out}")
     outputs: dict[str, Path] = {}

@@ -52,11 +52,31 @@ def test_demo_rejects_a_missing_ct_before_training(tmp_path):
     assert not (tmp_path / "out" / "pretrain").exists()
 
 
+def test_demo_refuses_a_folder_with_outputs_it_did_not_write(tmp_path):
+    """The demo starts afresh by removing its own earlier outputs; a folder holding such names without the
+    demo's marker (a user's, or an older demo's) is refused in one line, and nothing in it is touched."""
+    out = tmp_path / "out"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "my_scan.nii.gz").write_bytes(b"not the demo's")
+    proc = subprocess.run([sys.executable, "-m", "ctfm_bundles.tools.demo", "--output_dir", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert f"{out} already holds data, not written by this version of the demo" in proc.stderr
+    assert (out / "data" / "my_scan.nii.gz").read_bytes() == b"not the demo's"
+    assert not (out / "pretrain").exists()
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """One run of the main job on the phantom, shared by the tests below (it is the suite's costliest step)."""
     tmp_path = tmp_path_factory.mktemp("demo_run")
     out = tmp_path / "demo"
+    # a rerun over an earlier run's outputs: its retrieval database (embeddings of another encoder, here a
+    # listed scan whose file is gone) must not reach this run's index
+    stale = out / "retrieval" / "embeddings"
+    stale.mkdir(parents=True)
+    (stale / "index.csv").write_text("case,source,file,dim,label\nold_scan,old_scan.nii.gz,old_scan.safetensors,128,\n")
+    (out / ".ctfm_demo").write_text("an earlier run\n")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run([sys.executable, "-m", "ctfm_bundles.tools.demo", "--output_dir", str(out)],
                           capture_output=True, text=True, timeout=1200, cwd=tmp_path, env=env)
