@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -41,18 +40,10 @@ import time
 from pathlib import Path
 
 from ctfm_bundles.tools import REPO_ROOT, use_bundle_scripts
+from ctfm_bundles.tools.bench.wholebody_seg import RESULT_TAG, as_list, peak_rss_gb, seg_network
 from ctfm_common.runtime import atomic_write_text
 
 DEFAULT_BUNDLE = REPO_ROOT / "bundles" / "ctfm_wholebody_seg"
-RESULT_TAG = "BENCH_RESULT "
-
-
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.replace("[", "").replace("]", "").split(",") if v.strip()]
-
-
-def _floats(text: str) -> list[float]:
-    return [float(v) for v in text.replace("[", "").replace("]", "").split(",") if v.strip()]
 
 
 def write_batch(folder: Path, num_cases: int, shape: list[int], spacing: list[float], seed: int) -> list[Path]:
@@ -72,12 +63,9 @@ def write_batch(folder: Path, num_cases: int, shape: list[int], spacing: list[fl
 def write_weights(path: Path, init_filters: int, num_classes: int, seed: int) -> Path:
     """Seeded random weights of the bundle's network, as a torch state dict."""
     import torch
-    from monai.networks.nets import SegResNetDS
 
     torch.manual_seed(seed)
-    network = SegResNetDS(spatial_dims=3, in_channels=1, out_channels=num_classes, init_filters=init_filters,
-                          blocks_down=[1, 2, 2, 4, 4], dsdepth=4)
-    torch.save(network.state_dict(), path)
+    torch.save(seg_network(init_filters, num_classes).state_dict(), path)
     return path
 
 
@@ -106,7 +94,7 @@ def child(bundle_dir: str, overrides: dict, threads: int) -> dict:
     return {"setup_s": round(setup_s, 2), "run_s": round(run_s, 2), "num_ok": summary["num_ok"],
             "num_failed": summary["num_failed"], "stages_total_s": stages,
             "case_seconds": [c.get("seconds") for c in summary["cases"]],
-            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2)}
+            "peak_rss_gb": round(peak_rss_gb(), 2)}
 
 
 def bench(args: argparse.Namespace) -> dict:
@@ -114,7 +102,7 @@ def bench(args: argparse.Namespace) -> dict:
     bundle = Path(args.bundle_dir).resolve()
     if not (bundle / "configs" / "inference.json").is_file():
         raise SystemExit(f"error: {bundle}: no configs/inference.json (pass --bundle-dir <checkout>/bundles/ctfm_wholebody_seg)")
-    shape, spacing = _ints(args.shape), _floats(args.spacing)
+    shape, spacing = as_list(args.shape, int), as_list(args.spacing, float)
     with tempfile.TemporaryDirectory(prefix="bench_seg_batch_") as tmp:
         tmp = Path(tmp)
         write_batch(tmp / "ct", args.num_cases, shape, spacing, args.seed)

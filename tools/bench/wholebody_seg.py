@@ -62,17 +62,20 @@ BUNDLE_ROOT = REPO_ROOT / "bundles" / "ctfm_wholebody_seg"
 RESULT_TAG = "BENCH_RESULT "
 
 
-def _as_list(value: str | Sequence, cast: type = str) -> list:
+def as_list(value: str | Sequence, cast: type = str) -> list:
+    """``"1,2,3"``, ``"[1,2,3]"`` or a sequence (as a command line gives it) as a list of ``cast``."""
     if isinstance(value, str):
         value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
     return [cast(v.strip() if isinstance(v, str) else v) for v in value]
 
 
-def _peak_rss_gb() -> float:
+def peak_rss_gb() -> float:
+    """This process's peak resident memory, GB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
 
 
-def _network(init_filters: int, num_classes: int):
+def seg_network(init_filters: int, num_classes: int):
+    """The bundle's ``SegResNetDS`` (randomly initialised)."""
     from monai.networks.nets import SegResNetDS
 
     return SegResNetDS(spatial_dims=3, in_channels=1, out_channels=num_classes, init_filters=init_filters,
@@ -89,7 +92,7 @@ def _plain(*, image: str, weights: str, output_dir: str, init_filters: int, num_
                                   Orientationd, SaveImaged, ScaleIntensityRanged, Spacingd)
 
     if network is None:
-        network = _network(init_filters, num_classes)
+        network = seg_network(init_filters, num_classes)
         network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         network.to(device).eval()
     pre = Compose([
@@ -186,7 +189,7 @@ def run_pipeline(*, pipeline: str, image: str, weights: str, output_dir: str, in
     import torch
 
     torch.set_num_threads(int(threads))
-    spacing, roi_size = _as_list(spacing, float), _as_list(roi_size, int)
+    spacing, roi_size = as_list(spacing, float), as_list(roi_size, int)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     repeats = max(1, int(repeats))
     if pipeline == "plain":
@@ -210,7 +213,7 @@ def run_pipeline(*, pipeline: str, image: str, weights: str, output_dir: str, in
     seconds = runs[-1]["seconds"]
     outputs = sorted(str(p) for p in Path(output_dir).rglob("*_seg.nii.gz"))
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    result = {"pipeline": pipeline, "seconds": round(seconds, 2), "peak_rss_gb": round(_peak_rss_gb(), 2),
+    result = {"pipeline": pipeline, "seconds": round(seconds, 2), "peak_rss_gb": round(peak_rss_gb(), 2),
               "output": outputs[0] if outputs else None, "runs": runs, "device": str(dev),
               "process_cpu_s": round(usage.ru_utime + usage.ru_stime, 1)}
     if dev.type == "cuda":
@@ -294,7 +297,7 @@ def resolution_ceiling(*, labels: str, spacings: str | Sequence[float] = "1.5,3.
         "spacing_mm": [float(z) for z in loaded.pixdim],
         "structures": len(present),
     }
-    for spacing in _as_list(spacings, float):
+    for spacing in as_list(spacings, float):
         dice = resolution_ceiling_dice(loaded, [spacing] * 3)["per_label"]
         larger = [dice[i] for i in present if counts[i] >= median]
         smaller = [dice[i] for i in present if counts[i] < median]
@@ -373,18 +376,18 @@ def bench_wholebody_seg(
     work.mkdir(parents=True, exist_ok=True)
     labels_path = ""
     if not image:
-        shape = tuple(_as_list(shape, int))
-        grid_spacing = tuple(_as_list(ct_spacing, float)) if ct_spacing else float(spacing)
+        shape = tuple(as_list(shape, int))
+        grid_spacing = tuple(as_list(ct_spacing, float)) if ct_spacing else float(spacing)
         ct, labels, affine = phantom.make_body_phantom(shape=shape, spacing=grid_spacing, seed=seed)
         image, labels_path = str(work / "ct.nii.gz"), str(work / "ct_labels.nii.gz")
         phantom.save_phantom(ct, labels, affine, image_path=image, label_path=labels_path)
     torch.manual_seed(seed)
     weights = str(work / "random_init_weights.pt")
-    torch.save(_network(int(init_filters), int(num_classes)).state_dict(), weights)
+    torch.save(seg_network(int(init_filters), int(num_classes)).state_dict(), weights)
     settings = {"image": image, "shape": list(shape) if labels_path else "from the image", "spacing_mm": spacing,
-                "ct_spacing_mm": _as_list(ct_spacing, float) if ct_spacing else spacing, "device": device or "auto",
+                "ct_spacing_mm": as_list(ct_spacing, float) if ct_spacing else spacing, "device": device or "auto",
                 "amp": amp, "repeats": repeats,
-                "init_filters": init_filters, "num_classes": num_classes, "roi_size": _as_list(roi_size, int),
+                "init_filters": init_filters, "num_classes": num_classes, "roi_size": as_list(roi_size, int),
                 "sw_batch_size": sw_batch_size, "overlap": overlap, "threads": threads,
                 "weights": "random init (speed and memory only)"}
     variants = json.loads(variants) if isinstance(variants, str) and variants else dict(variants or {})
@@ -394,13 +397,13 @@ def bench_wholebody_seg(
     settings["cpu_count"] = os.cpu_count()
     settings["torch"] = torch.__version__
     results = []
-    for pipeline in _as_list(pipelines):
+    for pipeline in as_list(pipelines):
         out_dir = work / f"out_{pipeline}"
         kind = "bundle" if pipeline in variants else pipeline
         cmd = [sys.executable, "-m", "ctfm_bundles.tools.bench.wholebody_seg", "pipeline", f"--pipeline={kind}",
                f"--image={image}", f"--weights={weights}", f"--output_dir={out_dir}", f"--init_filters={init_filters}",
                f"--num_classes={num_classes}", f"--spacing={','.join(str(float(spacing)) for _ in range(3))}",
-               f"--roi_size={','.join(str(v) for v in _as_list(roi_size, int))}", f"--sw_batch_size={sw_batch_size}",
+               f"--roi_size={','.join(str(v) for v in as_list(roi_size, int))}", f"--sw_batch_size={sw_batch_size}",
                f"--overlap={overlap}", f"--threads={threads}", f"--device={device}", f"--amp={amp}",
                f"--repeats={repeats}", f"--overrides={variants.get(pipeline, {})!r}"]  # a Python literal: fire keeps its booleans
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": os.pathsep.join(
@@ -423,7 +426,7 @@ def bench_wholebody_seg(
         if output:  # after every pipeline, so a run stopped by a time limit still leaves its figures
             atomic_write_text(output, json.dumps({"settings": settings, "results": results}, indent=2) + "\n")
     report: dict = {"settings": settings, "results": results}
-    if labels_path and "fast" in _as_list(pipelines):
+    if labels_path and "fast" in as_list(pipelines):
         fast_spacing = FAST_PRESET_SPACING
         report["fast_resolution_ceiling_dice"] = {
             "spacing_mm": list(fast_spacing),
