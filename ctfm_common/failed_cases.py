@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import NoReturn
 from pathlib import Path
 
 from .inputs import case_name, case_source
@@ -200,24 +201,22 @@ class CacheDatasetNamingFailures(_monai_cache_dataset()):
         self.keys = list(keys)
         super().__init__(*args, **kwargs)
 
-    def _named(self, index: int, error: Exception) -> Exception:
-        failure = load_failure(self.data[index], self.keys, error, blame_image=False)
-        return failure if failure is not None else error  # not the files' fault: the error as it was
+    def _raise_named(self, index: int, error: Exception) -> NoReturn:
+        """Raise ``error`` as the failure that names item ``index``'s file; as it was when it is not the files'
+        fault or already names the file."""
+        named = load_failure(self.data[index], self.keys, error, blame_image=False)
+        if named is None or named is error or named is root_cause(error):
+            raise error
+        raise named from error
 
     def _load_cache_item(self, idx: int):
         try:
             return super()._load_cache_item(idx)
         except Exception as error:
-            named = self._named(idx, error)
-            if named is error or named is root_cause(error):  # already names the file: as it was
-                raise
-            raise named from error
+            self._raise_named(idx, error)
 
     def _transform(self, index: int):
         try:
             return super()._transform(index)
         except Exception as error:
-            named = self._named(index, error)
-            if named is error or named is root_cause(error):  # already names the file: as it was
-                raise
-            raise named from error
+            self._raise_named(index, error)
